@@ -1,0 +1,11 @@
+.PHONY: setup demo test bench ui
+setup:
+	@bin/setup
+demo: setup
+	.venv/bin/msif demo
+test: setup
+	.venv/bin/python -m pytest -q
+bench: setup
+	.venv/bin/python bench/run_bench.py
+ui: setup
+	DAGSTER_HOME=$(CURDIR)/dagster_home .venv/bin/dagster dev -w workspace.yaml

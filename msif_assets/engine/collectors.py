@@ -1,0 +1,122 @@
+"""What a traversal accumulates: covariances, corrected eigenvalues, per-sequence gradients,
+or scores against preconditioned queries. Each is a few tensor contractions on ``a``/``s``.
+
+Shapes: ``a`` (B, T, n), ``s`` (B, T, m) with n = d_in (bias column included), m = d_out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batching import LMBatch
+from .modules import ModuleSpec
+
+
+def _per_sequence_gradient(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``DW_b = Σ_t s_bt a_btᵀ`` → (B, m, n)."""
+    return torch.bmm(s.transpose(1, 2), a)
+
+
+class CovarianceCollector:
+    """Raw sums ``Σ_t a aᵀ`` (n, n) and ``Σ_t s sᵀ`` (m, m) in float64, plus the token count
+    (non-pad positions). Sums, not means, so data partitions merge exactly."""
+
+    def __init__(self, specs: list[ModuleSpec]):
+        self.a_sums: dict[str, torch.Tensor] = {}
+        self.s_sums: dict[str, torch.Tensor] = {}
+        self.token_count = 0
+
+    def begin_batch(self, batch: LMBatch) -> None:
+        self.token_count += int(batch.attention_mask.sum())
+
+    def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
+        a2, s2 = a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1])
+        for sums, x in ((self.a_sums, a2), (self.s_sums, s2)):
+            gram = (x.T @ x).double()
+            if spec.name in sums:
+                sums[spec.name] += gram
+            else:
+                sums[spec.name] = gram
+
+
+class LambdaCollector:
+    """Σ over sequences of ``(Q_Sᵀ DW_b Q_A)^∘2`` (m, n) in float64, plus the sequence count.
+
+    The rotation is applied where it is cheaper: to tokens (``s Q_S``, ``a Q_A`` then one
+    batched product) for long sequences, or to the per-sequence gradient for short ones.
+    """
+
+    def __init__(self, q_a: dict[str, torch.Tensor], q_s: dict[str, torch.Tensor]):
+        self.q_a, self.q_s = q_a, q_s
+        self.sums: dict[str, torch.Tensor] = {}
+        self.sequence_count = 0
+
+    def begin_batch(self, batch: LMBatch) -> None:
+        self.sequence_count += batch.size
+
+    def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
+        q_a = self.q_a[spec.name].to(a.dtype)
+        q_s = self.q_s[spec.name].to(s.dtype)
+        t, m, n = a.shape[1], s.shape[-1], a.shape[-1]
+        if t * (m * m + n * n) <= m * n * (m + n):
+            rotated = _per_sequence_gradient(a @ q_a, s @ q_s)
+        else:
+            rotated = q_s.T @ _per_sequence_gradient(a, s) @ q_a
+        squared = rotated.square().sum(0).double()
+        if spec.name in self.sums:
+            self.sums[spec.name] += squared
+        else:
+            self.sums[spec.name] = squared
+
+
+class GradientCollector:
+    """Per-sequence gradients ``DW`` (N, m, n) per module, rows in example order."""
+
+    def __init__(self, specs: list[ModuleSpec], n_examples: int, dtype: torch.dtype, device: torch.device):
+        self.gradients = {s.name: torch.zeros(n_examples, s.d_out, s.d_in, dtype=dtype, device=device) for s in specs}
+        self._index: torch.Tensor | None = None
+
+    def begin_batch(self, batch: LMBatch) -> None:
+        self._index = batch.index
+
+    def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
+        self.gradients[spec.name][self._index.to(a.device)] = _per_sequence_gradient(a, s).to(self.gradients[spec.name].dtype)
+
+
+class ScoreCollector:
+    """Scores of every sequence against every preconditioned query, per module.
+
+    ``query_vectors[name]``: (Q, m, n). Result ``per_module``: (N, Q, M) with M modules in
+    ``specs`` order; ``per_module.sum(-1)`` is the total score. The per-sequence gradient of one
+    module lives only for the duration of one contraction. With ``per_token`` the (N, Q, T)
+    per-token contributions are kept too (costs Q× a forward of each module: analysis only).
+    """
+
+    def __init__(
+        self,
+        specs: list[ModuleSpec],
+        query_vectors: dict[str, torch.Tensor],
+        n_examples: int,
+        max_tokens: int = 0,
+        per_token: bool = False,
+    ):
+        first = next(iter(query_vectors.values()))
+        n_queries, device = first.shape[0], first.device
+        self.column = {s.name: i for i, s in enumerate(specs)}
+        self.query_flat = {name: v.reshape(n_queries, -1) for name, v in query_vectors.items()}
+        self.query_vectors = query_vectors
+        self.per_module = torch.zeros(n_examples, n_queries, len(specs), dtype=torch.float64, device=device)
+        self.per_token = torch.zeros(n_examples, n_queries, max_tokens, dtype=torch.float64, device=device) if per_token else None
+        self._index: torch.Tensor | None = None
+
+    def begin_batch(self, batch: LMBatch) -> None:
+        self._index = batch.index.to(self.per_module.device)
+
+    def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
+        queries = self.query_flat[spec.name].to(a.dtype)
+        gradient = _per_sequence_gradient(a, s).reshape(a.shape[0], -1)
+        self.per_module[self._index, :, self.column[spec.name]] = (gradient @ queries.T).double()
+        if self.per_token is not None:
+            projected = torch.einsum("btn,qmn->bqtm", a, self.query_vectors[spec.name].to(a.dtype))
+            contributions = torch.einsum("bqtm,btm->bqt", projected, s).double()
+            self.per_token[self._index, :, : a.shape[1]] += contributions

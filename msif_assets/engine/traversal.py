@@ -1,0 +1,114 @@
+"""The one traversal: forward + backward over batches, handing each tracked module's
+``a`` (inputs) and ``s`` (output gradients) to a collector.
+
+Weights never get gradients: every parameter is frozen for the pass and the input
+embeddings' output is made to require grad, so autograd computes only what flows back
+through activations — no ``.grad`` buffers, no weight-gradient GEMMs we would throw away.
+Collectors do their own (cheaper) contractions on ``a`` and ``s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Protocol
+
+import torch
+from torch import nn
+
+from .batching import LMBatch
+from .modules import ModuleSpec
+from .objectives import LabelSource, log_likelihood
+
+log = logging.getLogger(__name__)
+
+
+class Collector(Protocol):
+    """What a traversal accumulates. ``a``: (B, T, d_in) with pads zeroed and the bias 1
+    appended; ``s``: (B, T, d_out), gradient of the summed objective w.r.t. the module output."""
+
+    def begin_batch(self, batch: LMBatch) -> None: ...
+
+    def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None: ...
+
+
+@contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in previous:
+        p.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p, flag in previous:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _module_hooks(model: nn.Module, specs: list[ModuleSpec], collector: Collector, state: dict) -> Iterator[None]:
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(spec: ModuleSpec):
+        def forward_hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            a = inputs[0].detach()
+            mask = state["mask"].to(a.dtype)[..., None]
+            if spec.has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            a = a * mask
+            output.register_hook(lambda s: collector.collect(spec, a, s.detach()))
+
+        return forward_hook
+
+    try:
+        for spec in specs:
+            handles.append(modules[spec.name].register_forward_hook(make_hook(spec)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def traverse(
+    model: nn.Module,
+    specs: list[ModuleSpec],
+    batches: Iterable[LMBatch],
+    collector: Collector,
+    labels: LabelSource = "data",
+    seed: int = 0,
+    description: str = "traversal",
+    total_batches: int | None = None,
+) -> None:
+    """Run forward + backward of ``Σ log p(targets)`` over ``batches``, feeding ``collector``.
+
+    ``labels="sampled"`` draws targets from the model (true Fisher), seeded by ``seed`` so a
+    pass is reproducible. The model is put in eval mode (no dropout) and restored afterwards.
+    """
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
+    state: dict = {}
+    was_training = model.training
+    model.eval()
+    started, last_log = time.perf_counter(), time.perf_counter()
+    try:
+        with _frozen_parameters(model), _module_hooks(model, specs, collector, state):
+            for done, batch in enumerate(batches, start=1):
+                batch = batch.to(device)
+                state["mask"] = batch.attention_mask
+                collector.begin_batch(batch)
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                objective = log_likelihood(logits, batch, labels, generator)
+                objective.backward()
+                if time.perf_counter() - last_log > 10:
+                    last_log = time.perf_counter()
+                    of = f"/{total_batches}" if total_batches else ""
+                    log.info("%s: batch %d%s, %.1fs", description, done, of, last_log - started)
+    finally:
+        model.train(was_training)
