@@ -115,6 +115,6 @@ def brute_covariances(model: nn.Module, specs, examples) -> tuple[dict, dict, in
 
 def dense_ekfac_inverse(q_a: torch.Tensor, q_s: torch.Tensor, lambdas: torch.Tensor, damping: float) -> torch.Tensor:
     """(F + λI)⁻¹ for F = (Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ, row-major vec of (m, n)."""
-    kron = torch.kron(q_s, q_a)
+    kron = torch.kron(q_s.contiguous(), q_a.contiguous())
     f = kron @ torch.diag(lambdas.reshape(-1)) @ kron.T
     return torch.linalg.inv(f + damping * torch.eye(f.shape[0], dtype=f.dtype))
