@@ -1,0 +1,341 @@
+"""Readers for the files users bring: corpus shards, queries, fine-tuning data.
+
+Corpus shards are large and messy, so bad rows become *reject rows* and the rest of
+the shard loads. Queries and fine-tuning data are small curated files, so the first
+bad row raises ``InputError("file:line: field — problem — what to do")``.
+
+Corpus file formats (chosen by suffix):
+
+- ``.jsonl``: one JSON object per line with ``doc_id`` (non-empty str) and ``text``
+  (str, not blank). Any other keys are kept as metadata (``meta``, a JSON object
+  string). Blank lines are skipped; they hold no record.
+- ``.parquet``: same fields as columns; row numbers (1-based) stand in for lines.
+- ``.txt``: one document per non-blank line; ``doc_id = "<file stem>:<line number>"``
+  (1-based physical line number, so ids stay stable when blank lines are present).
+
+Tables returned:
+  docs    (tables.DOCUMENTS)  shard, doc_id, text, meta, source_file, source_line
+  rejects (tables.REJECTS)    source, file, line, field, reason, raw
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from msif_assets.lake.layout import PartitionKeyError, validate_key
+from msif_assets.lake.tables import DOCUMENTS, QUERIES, REJECTS
+
+__all__ = [
+    "InputError", "ShardRead", "FinetuneData", "CORPUS_SUFFIXES", "FINETUNE_SCHEMA",
+    "read_corpus_shard", "read_corpus_file", "shard_key_from_path", "corpus_reject_source",
+    "find_cross_shard_duplicates", "read_queries_file", "read_finetune_file",
+]
+
+CORPUS_SUFFIXES = (".jsonl", ".parquet", ".txt")
+_RAW_LIMIT = 1000
+_BOM = b"\xef\xbb\xbf"
+
+
+class InputError(ValueError):
+    """A user-supplied file is unusable; the message names file, line, field and the fix."""
+
+
+class ShardRead(NamedTuple):
+    docs: pa.Table
+    rejects: pa.Table
+
+
+def corpus_reject_source(shard: str) -> str:
+    """The ``source`` under which a corpus shard's rejects are stored."""
+    return f"corpus-{validate_key(shard, 'shard')}"
+
+
+def shard_key_from_path(path: str | Path) -> str:
+    """Shard key for a corpus file: its stem, which must be a safe partition key."""
+    p = Path(path)
+    try:
+        return validate_key(p.stem, "shard key")
+    except PartitionKeyError as exc:
+        raise InputError(f"{p}: file name — {exc}") from exc
+
+
+class _Row(NamedTuple):
+    line: int
+    obj: Any  # parsed object, or a _Reject
+    raw: str
+
+
+class _Reject(NamedTuple):
+    field: str
+    reason: str
+
+
+def _clip(raw: str) -> str:
+    return raw if len(raw) <= _RAW_LIMIT else raw[:_RAW_LIMIT] + "…"
+
+
+def _decode(raw: bytes, line_no: int) -> str | _Reject:
+    if line_no == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        return _Reject("<line>", f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8")
+
+
+def _jsonl_rows(path: Path) -> Iterator[_Row]:
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            text = _decode(raw, line_no)
+            shown = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+            if isinstance(text, _Reject):
+                yield _Row(line_no, text, shown)
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                obj = _Reject("<line>", f"malformed JSON: {exc.msg} at column {exc.colno}")
+            else:
+                if not isinstance(obj, dict):
+                    obj = _Reject("<line>", f"expected a JSON object, got {type(obj).__name__}")
+            yield _Row(line_no, obj, shown)
+
+
+def _parquet_rows(path: Path) -> Iterator[_Row]:
+    row_no = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+        for obj in batch.to_pylist():
+            row_no += 1
+            yield _Row(row_no, obj, json.dumps(obj, ensure_ascii=False, default=str))
+
+
+def _txt_rows(path: Path) -> Iterator[_Row]:
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            text = _decode(raw, line_no)
+            shown = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+            if isinstance(text, _Reject):
+                yield _Row(line_no, text, shown)
+            elif text.strip():
+                yield _Row(line_no, {"doc_id": f"{path.stem}:{line_no}", "text": text}, shown)
+
+
+def _check_str(obj: dict, field: str, *, required: bool = True) -> str | _Reject | None:
+    if field not in obj or obj[field] is None:
+        return _Reject(field, "missing field") if required else None
+    value = obj[field]
+    if not isinstance(value, str):
+        return _Reject(field, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        return _Reject(field, "empty or blank string")
+    return value
+
+
+def _meta(obj: dict, known: Iterable[str]) -> str:
+    extras = {k: v for k, v in obj.items() if k not in set(known)}
+    return json.dumps(extras, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
+    """Read every file of one corpus shard into (docs, rejects).
+
+    A ``doc_id`` repeated inside the shard keeps its first occurrence; later ones are
+    rejected with the location of the first. Unreadable files become one reject row
+    with ``line = null``. Unknown suffixes raise InputError (the shard is misconfigured).
+    """
+    validate_key(shard, "shard")
+    source = corpus_reject_source(shard)
+    docs: list[dict] = []
+    rejects: list[dict] = []
+    first_seen: dict[str, str] = {}
+    for file in files:
+        path = Path(file)
+        readers = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            raise InputError(f"{path}: file type — unsupported suffix {path.suffix!r} — "
+                             f"use one of {', '.join(CORPUS_SUFFIXES)}")
+
+        def reject(line: int | None, field: str, reason: str, raw: str) -> None:
+            rejects.append({"source": source, "file": str(path), "line": line,
+                            "field": field, "reason": reason, "raw": _clip(raw)})
+
+        try:
+            for row in reader(path):
+                if isinstance(row.obj, _Reject):
+                    reject(row.line, row.obj.field, row.obj.reason, row.raw)
+                    continue
+                doc_id = _check_str(row.obj, "doc_id")
+                text = _check_str(row.obj, "text")
+                bad = next((v for v in (doc_id, text) if isinstance(v, _Reject)), None)
+                if bad is not None:
+                    reject(row.line, bad.field, bad.reason, row.raw)
+                    continue
+                where = f"{path}:{row.line}"
+                if doc_id in first_seen:
+                    reject(row.line, "doc_id", f"duplicate doc_id {doc_id!r} in shard {shard!r}; "
+                           f"first seen at {first_seen[doc_id]} (kept)", row.raw)
+                    continue
+                first_seen[doc_id] = where
+                docs.append({"shard": shard, "doc_id": doc_id, "text": text,
+                             "meta": _meta(row.obj, ("doc_id", "text")),
+                             "source_file": str(path), "source_line": row.line})
+        except (OSError, pa.ArrowException) as exc:
+            reject(None, "<file>", f"unreadable file: {exc}", "")
+    return ShardRead(pa.Table.from_pylist(docs, schema=DOCUMENTS.schema),
+                     pa.Table.from_pylist(rejects, schema=REJECTS.schema))
+
+
+def read_corpus_file(path: str | Path, shard: str | None = None) -> ShardRead:
+    """Read one corpus file as a shard (shard key defaults to the file stem)."""
+    return read_corpus_shard(shard if shard is not None else shard_key_from_path(path), [path])
+
+
+def find_cross_shard_duplicates(docs: pa.Table | Iterable[pa.Table]) -> pa.Table:
+    """doc_ids present in more than one shard: table(doc_id str, shards list<str>).
+
+    Accepts one table or several with columns ``shard`` and ``doc_id``.
+    """
+    tables = [docs] if isinstance(docs, pa.Table) else list(docs)
+    schema = pa.schema([("doc_id", pa.string()), ("shards", pa.list_(pa.string()))])
+    if not tables:
+        return schema.empty_table()
+    both = pa.concat_tables([t.select(["doc_id", "shard"]) for t in tables])
+    grouped = both.group_by("doc_id").aggregate([("shard", "distinct")])
+    rows = [{"doc_id": d, "shards": sorted(s)}
+            for d, s in zip(grouped.column("doc_id").to_pylist(), grouped.column("shard_distinct").to_pylist())
+            if len(s) > 1]
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["doc_id"]), schema=schema)
+
+
+def _strict_rows(path: Path, what: str) -> Iterator[tuple[int, dict]]:
+    if not path.is_file():
+        raise InputError(f"{path}: file — not found — provide the {what} JSONL file")
+    if path.suffix.lower() != ".jsonl":
+        raise InputError(f"{path}: file — expected a .jsonl file for {what} — convert it to JSON Lines")
+    for row in _jsonl_rows(path):
+        if isinstance(row.obj, _Reject):
+            raise InputError(f"{path}:{row.line}: {row.obj.field} — {row.obj.reason} — fix or remove the line")
+        yield row.line, row.obj
+
+
+def _strict_str(path: Path, line: int, obj: dict, field: str, required: bool, hint: str) -> str | None:
+    value = _check_str(obj, field, required=required)
+    if isinstance(value, _Reject):
+        raise InputError(f"{path}:{line}: {field} — {value.reason} — {hint}")
+    return value
+
+
+def read_queries_file(path: str | Path) -> pa.Table:
+    """Read queries JSONL into tables.QUERIES.
+
+    Fields: ``query_id`` (str), ``prompt`` (str), optional ``completion`` (str),
+    optional ``gold_doc_ids`` (list of str, for fact-tracing evaluation); other keys go
+    to ``meta``. Raises InputError on the first bad line, on a repeated query_id and on
+    a file with no queries.
+    """
+    p = Path(path)
+    rows: list[dict] = []
+    seen: dict[str, int] = {}
+    for line, obj in _strict_rows(p, "queries"):
+        qid = _strict_str(p, line, obj, "query_id", True, "give each query a unique string id")
+        if qid in seen:
+            raise InputError(f"{p}:{line}: query_id — duplicate {qid!r} (first on line {seen[qid]}) — "
+                             "make query ids unique")
+        seen[qid] = line
+        prompt = _strict_str(p, line, obj, "prompt", True, "give the prompt text")
+        completion = _strict_str(p, line, obj, "completion", False,
+                                 "give the completion text or omit the field")
+        gold = obj.get("gold_doc_ids")
+        if gold is not None and not (isinstance(gold, list) and all(isinstance(g, str) and g for g in gold)):
+            raise InputError(f"{p}:{line}: gold_doc_ids — expected a list of non-empty strings — "
+                             'write e.g. ["doc-1", "doc-7"] or omit the field')
+        rows.append({"query_id": qid, "prompt": prompt, "completion": completion, "gold_doc_ids": gold,
+                     "meta": _meta(obj, ("query_id", "prompt", "completion", "gold_doc_ids")),
+                     "source_file": str(p), "source_line": line})
+    if not rows:
+        raise InputError(f"{p}: file — contains no queries — add at least one JSON line")
+    return pa.Table.from_pylist(rows, schema=QUERIES.schema)
+
+
+FINETUNE_SCHEMA = pa.schema([
+    pa.field("text", pa.string()), pa.field("prompt", pa.string()), pa.field("completion", pa.string()),
+    pa.field("label", pa.string()), pa.field("meta", pa.string(), nullable=False),
+    pa.field("source_line", pa.int64(), nullable=False),
+])
+
+_FINETUNE_KINDS = ("lm", "prompt_completion", "classification")
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    """Fine-tuning examples of one kind.
+
+    kind: "lm" (``text``), "prompt_completion" (``prompt``+``completion``) or
+    "classification" (``text``+``label``; integer labels are stored as decimal
+    strings, string labels as given — map them with the model's ``label2id``).
+    table: FINETUNE_SCHEMA; columns unused by ``kind`` are null.
+    """
+
+    kind: str
+    table: pa.Table
+
+    def __post_init__(self) -> None:
+        if self.kind not in _FINETUNE_KINDS:
+            raise ValueError(f"FinetuneData.kind must be one of {_FINETUNE_KINDS}, got {self.kind!r}")
+        if self.table.schema != FINETUNE_SCHEMA:
+            raise ValueError("FinetuneData.table must have FINETUNE_SCHEMA")
+
+
+def _finetune_kind(obj: dict) -> str | None:
+    if "label" in obj:
+        return "classification"
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion"
+    if "text" in obj:
+        return "lm"
+    return None
+
+
+def read_finetune_file(path: str | Path) -> FinetuneData:
+    """Read fine-tuning JSONL; every line must use the same one of the three forms."""
+    p = Path(path)
+    kind: str | None = None
+    rows: list[dict] = []
+    forms = "use {'text'}, {'prompt','completion'} or {'text','label'}"
+    for line, obj in _strict_rows(p, "fine-tuning data"):
+        row_kind = _finetune_kind(obj)
+        if row_kind is None:
+            raise InputError(f"{p}:{line}: text — no 'text', 'prompt' or 'label' field — {forms}")
+        if kind is None:
+            kind = row_kind
+        elif row_kind != kind:
+            raise InputError(f"{p}:{line}: <line> — this line is {row_kind} but earlier lines are {kind} — "
+                             "use one form for the whole file")
+        row = {"text": None, "prompt": None, "completion": None, "label": None, "source_line": line}
+        if kind == "prompt_completion":
+            if "text" in obj:
+                raise InputError(f"{p}:{line}: text — ambiguous next to prompt/completion — {forms}")
+            row["prompt"] = _strict_str(p, line, obj, "prompt", True, "give the prompt text")
+            row["completion"] = _strict_str(p, line, obj, "completion", True, "give the completion text")
+        else:
+            row["text"] = _strict_str(p, line, obj, "text", True, "give the training text")
+        if kind == "classification":
+            label = obj["label"]
+            if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
+                raise InputError(f"{p}:{line}: label — expected an integer class index or a class name, "
+                                 f"got {label!r} — fix the label")
+            row["label"] = str(label)
+        row["meta"] = _meta(obj, ("text", "prompt", "completion", "label"))
+        rows.append(row)
+    if kind is None:
+        raise InputError(f"{p}: file — contains no examples — add at least one JSON line")
+    return FinetuneData(kind, pa.Table.from_pylist(rows, schema=FINETUNE_SCHEMA))

@@ -1,0 +1,166 @@
+"""Model directories: validation, content fingerprints, safe loading.
+
+A model directory is a Hugging Face ``save_pretrained`` folder: ``config.json``,
+``*.safetensors`` weights (optionally sharded with ``model.safetensors.index.json``)
+and tokenizer files. Weights are loaded with ``use_safetensors=True`` only (never
+pickle), from local files only, and ``trust_remote_code`` stays False unless the
+caller opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "ModelDirError", "ModelDirInfo", "LoadedModel", "TOKENIZER_FILES",
+    "validate_model_dir", "fingerprint_model_dir", "load_causal_lm", "load_model_for_finetune",
+]
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# Files that alone let a tokenizer be built; tokenizer_config.json by itself cannot.
+_TOKENIZER_CORE = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+Task = Literal["causal_lm", "sequence_classification"]
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be used; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelDirInfo:
+    """What validate_model_dir found in a model directory."""
+
+    path: Path
+    model_type: str
+    architectures: tuple[str, ...]
+    task: Task
+    weight_files: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer and the task it was loaded for."""
+
+    model: Any
+    tokenizer: Any
+    task: Task
+    info: ModelDirInfo
+
+
+def _task_for(architectures: tuple[str, ...]) -> Task:
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "sequence_classification"
+    return "causal_lm"
+
+
+def validate_model_dir(path: str | os.PathLike[str]) -> ModelDirInfo:
+    """Check that ``path`` is a loadable safetensors model directory, or raise ModelDirError."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelDirError(f"model directory {p} does not exist (or is not a directory); "
+                            "point to a folder written by save_pretrained()")
+    config_path = p / "config.json"
+    if not config_path.is_file():
+        raise ModelDirError(f"{p}: config.json is missing; save the model with save_pretrained()")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelDirError(f"{config_path}: not valid JSON ({exc}); re-save the model config") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelDirError(f"{config_path}: field model_type is missing; re-save the model config")
+    weights = tuple(sorted(f.name for f in p.glob("*.safetensors")))
+    if not weights:
+        pickled = [name for name in _PICKLE_WEIGHTS if (p / name).exists()] + sorted(
+            f.name for f in p.glob("pytorch_model-*.bin"))
+        if pickled:
+            raise ModelDirError(
+                f"{p}: only {', '.join(pickled)} found; pickle weights are not loaded for safety — "
+                "convert to safetensors (model = AutoModel.from_pretrained(dir); "
+                "model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise ModelDirError(f"{p}: no *.safetensors weights found; save the model with save_pretrained()")
+    tokenizer_files = tuple(name for name in TOKENIZER_FILES if (p / name).is_file())
+    if not any(name in tokenizer_files for name in _TOKENIZER_CORE):
+        raise ModelDirError(f"{p}: no tokenizer files (e.g. tokenizer.json); "
+                            "save the tokenizer into the same folder with tokenizer.save_pretrained(dir)")
+    architectures = tuple(a for a in config.get("architectures") or () if isinstance(a, str))
+    return ModelDirInfo(path=p.resolve(), model_type=config["model_type"], architectures=architectures,
+                        task=_task_for(architectures), weight_files=weights, tokenizer_files=tokenizer_files)
+
+
+def fingerprint_model_dir(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+    """sha256 (hex) over config.json, safetensors weights (+ index) and tokenizer files.
+
+    Stable across copies and mtimes (hashes relative names and contents in sorted
+    order); changes when any weight, config or tokenizer byte changes. Other files
+    (README, training args, optimizer state) do not count.
+    """
+    p = Path(path).expanduser()
+    info = validate_model_dir(p)
+    names = {"config.json", *info.weight_files, *info.tokenizer_files}
+    names.update(f.name for f in p.glob("*.safetensors.index.json"))
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode("utf-8") + b"\0")
+        with open(p / name, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            digest.update(size.to_bytes(8, "little"))
+            while block := fh.read(chunk_bytes):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_tokenizer(info: ModelDirInfo, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(info.path), local_files_only=True,
+                                         trust_remote_code=trust_remote_code)
+
+
+def _load(info: ModelDirInfo, task: Task, dtype: Any, device: str | None, trust_remote_code: bool,
+          **kwargs: Any) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    model = cls.from_pretrained(str(info.path), dtype=dtype, use_safetensors=True, local_files_only=True,
+                                trust_remote_code=trust_remote_code, **kwargs)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    return LoadedModel(model=model, tokenizer=_load_tokenizer(info, trust_remote_code), task=task, info=info)
+
+
+def load_causal_lm(path: str | os.PathLike[str], dtype: Any = None, device: str | None = None,
+                   trust_remote_code: bool = False, **kwargs: Any) -> LoadedModel:
+    """Load a causal LM and its tokenizer (device defaults to cuda when available).
+
+    ``dtype`` defaults to torch.float32; extra kwargs go to ``from_pretrained``
+    (e.g. ``attn_implementation="sdpa"``).
+    """
+    import torch
+
+    info = validate_model_dir(path)
+    return _load(info, "causal_lm", dtype or torch.float32, device, trust_remote_code, **kwargs)
+
+
+def load_model_for_finetune(path: str | os.PathLike[str], dtype: Any = None, device: str | None = None,
+                            trust_remote_code: bool = False, **kwargs: Any) -> LoadedModel:
+    """Load a fine-tuned model: sequence classification if ``config.architectures``
+    names a ``*ForSequenceClassification`` class, else a causal LM."""
+    import torch
+
+    info = validate_model_dir(path)
+    return _load(info, info.task, dtype or torch.float32, device, trust_remote_code, **kwargs)
