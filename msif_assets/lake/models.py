@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -101,12 +102,35 @@ def validate_model_dir(path: str | os.PathLike[str]) -> ModelDirInfo:
                         task=_task_for(architectures), weight_files=weights, tokenizer_files=tokenizer_files)
 
 
+# Per-file content digests, keyed by (path, size, mtime_ns, inode), so a process that
+# fingerprints the same large model repeatedly (a sensor) hashes each file once. As in
+# git's "racily clean" rule, a file modified in the last few seconds is never cached:
+# coarse filesystem timestamps could hide a rewrite within the same tick.
+_FILE_DIGESTS: dict[tuple[str, int, int, int], bytes] = {}
+_RACY_NS = 3_000_000_000
+
+
+def _file_digest(path: Path, chunk_bytes: int) -> tuple[int, bytes]:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    cached = _FILE_DIGESTS.get(key)
+    if cached is not None:
+        return st.st_size, cached
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+        _FILE_DIGESTS[key] = digest.digest()
+    return st.st_size, digest.digest()
+
+
 def fingerprint_model_dir(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
     """sha256 (hex) over config.json, safetensors weights (+ index) and tokenizer files.
 
-    Stable across copies and mtimes (hashes relative names and contents in sorted
-    order); changes when any weight, config or tokenizer byte changes. Other files
-    (README, training args, optimizer state) do not count.
+    Stable across copies and mtimes (hashes relative names, sizes and content digests
+    in sorted order); changes when any weight, config or tokenizer byte changes. Other
+    files (README, training args, optimizer state) do not count.
     """
     p = Path(path).expanduser()
     info = validate_model_dir(p)
@@ -114,12 +138,8 @@ def fingerprint_model_dir(path: str | os.PathLike[str], chunk_bytes: int = 1 << 
     names.update(f.name for f in p.glob("*.safetensors.index.json"))
     digest = hashlib.sha256()
     for name in sorted(names):
-        digest.update(name.encode("utf-8") + b"\0")
-        with open(p / name, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            digest.update(size.to_bytes(8, "little"))
-            while block := fh.read(chunk_bytes):
-                digest.update(block)
+        size, file_digest = _file_digest(p / name, chunk_bytes)
+        digest.update(name.encode("utf-8") + b"\0" + size.to_bytes(8, "little") + file_digest)
     return digest.hexdigest()
 
 

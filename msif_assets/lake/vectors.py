@@ -95,7 +95,8 @@ class ChunkVectorStore:
         table = self._table()
         if table is None:
             return []
-        return sorted(pc.unique(table.to_arrow().column("shard")).to_pylist())
+        shards = table.search().select(["shard"]).limit(None).to_arrow().column("shard")
+        return sorted(pc.unique(shards).to_pylist())
 
     def _prepare(self, shard: str, data: pa.Table) -> pa.Table:
         missing = [c for c in (*_TEXT_COLUMNS, "vector") if c not in data.column_names]

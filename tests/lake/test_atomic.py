@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from msif_assets.lake import atomic
 from msif_assets.lake.atomic import atomic_write, atomic_write_bytes, atomic_write_text, replace_directory
 
 
@@ -44,7 +45,17 @@ def _fill(files: dict[str, str]):
     return fill
 
 
-def test_replace_directory_swaps_whole_partition(tmp_path):
+@pytest.fixture(params=["exchange", "rename-aside"])
+def swap_mode(request, monkeypatch):
+    """Run directory tests with renameat2(RENAME_EXCHANGE) and with the portable fallback."""
+    if request.param == "rename-aside":
+        monkeypatch.setattr(atomic, "_EXCHANGE", None)
+    elif atomic._EXCHANGE is None:
+        pytest.skip("renameat2 is not available on this platform")
+    return request.param
+
+
+def test_replace_directory_swaps_whole_partition(tmp_path, swap_mode):
     target = tmp_path / "table" / "shard=a"
     staging = tmp_path / ".staging"
     replace_directory(target, _fill({"part-0.parquet": "old0", "part-1.parquet": "old1"}), staging)
@@ -54,7 +65,7 @@ def test_replace_directory_swaps_whole_partition(tmp_path):
     assert list(staging.iterdir()) == []
 
 
-def test_replace_directory_crash_leaves_old_partition_intact(tmp_path):
+def test_replace_directory_crash_leaves_old_partition_intact(tmp_path, swap_mode):
     target = tmp_path / "shard=a"
     staging = tmp_path / ".staging"
     replace_directory(target, _fill({"part.parquet": "old"}), staging)
