@@ -152,7 +152,8 @@ def _cmd_top(args: argparse.Namespace) -> int:
             methods = catalog.query("SELECT DISTINCT method FROM influence WHERE query_id = $q ORDER BY 1",
                                     {"q": args.query_id}).column("method").to_pylist()
             hint = f"methods scored for it: {', '.join(methods)}" if methods else "it has no scores"
-            print(f"no {args.method} scores for query {args.query_id!r}; {hint}", file=sys.stderr)
+            filters = "".join(f", {k}={v}" for k, v in (("damping", args.damping), ("model", args.model)) if v is not None)
+            print(f"no {args.method} scores for query {args.query_id!r}{filters}; {hint}", file=sys.stderr)
             return 1
     if args.format == "table" and query:
         print(f"query {args.query_id}: {query[0]['prompt']!r} -> {query[0]['completion']!r}")

@@ -134,8 +134,10 @@ class ChunkVectorStore:
     def replace_shard(self, shard: str, data: pa.Table) -> int:
         """Make the store's rows of ``shard`` exactly ``data``; returns the row count."""
         validate_key(shard, "shard")
-        data = self._prepare(shard, data)
         table = self._table()
+        if table is None and data.num_rows == 0:
+            return 0  # nothing stored and nothing to store (e.g. every document was rejected)
+        data = self._prepare(shard, data)
         if table is None:
             table = self._db.create_table(TABLE_NAME, schema=data.schema, exist_ok=True)
         (table.merge_insert(_KEY)

@@ -2,9 +2,9 @@ import pyarrow as pa
 import pytest
 
 from msif_assets.lake.catalog import BASE_VIEWS, Catalog, CatalogError, CatalogQueryError
-from msif_assets.lake.tables import write_eval, write_rejects
+from msif_assets.lake.tables import write_chunks, write_eval, write_rejects
 
-from .lake_data import FT, NOW, PT, SHARD_SCORES, SHARD_TEXTS
+from .lake_data import FT, NOW, PT, SHARD_SCORES, SHARD_TEXTS, chunks_table
 
 EXPECTED_VIEWS = {"documents", "chunks", "queries", "candidates", "influence", "influence_with_text",
                   "top_k", "mlp_attn_share", "shard_summary", "rejects", "eval_ranking", "eval_summary",
@@ -51,6 +51,12 @@ def test_views_over_written_tables(small_lake):
             {"shard": "s1", "n_docs": 2, "n_chunks": 2, "n_scores": 2, "n_rejects": 0},
             {"shard": "s2", "n_docs": 2, "n_chunks": 2, "n_scores": 2, "n_rejects": 0},
         ]
+
+
+def test_numeric_looking_shard_keys_stay_strings(layout):
+    write_chunks(layout, "007", chunks_table("007", {"a": "one two"}))
+    with Catalog.open(layout.root) as catalog:
+        assert catalog.query("SELECT shard FROM chunks").to_pylist() == [{"shard": "007"}]
 
 
 def test_rejects_and_eval_views(layout):

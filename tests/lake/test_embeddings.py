@@ -6,7 +6,7 @@ from msif_assets.lake.embeddings import (
 )
 
 
-def test_bundled_minilm_encodes_normalized_and_semantic(tmp_path):
+def test_bundled_minilm_encodes_normalized_and_semantic():
     model = load_sentence_encoder(device="cpu")
     assert embedding_dimension(model) == 384
     texts = ["Paris is the capital of France.", "The French capital is Paris.", "Bananas are rich in potassium."]

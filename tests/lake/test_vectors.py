@@ -44,6 +44,16 @@ def test_replace_shard_is_idempotent_and_shard_scoped(store):
     assert (store.count("a"), store.count("b")) == (5, 10)
 
 
+def test_empty_shard_clears_its_rows(store):
+    rng = np.random.default_rng(4)
+    empty = _shard("a", _unit(rng, 1)).slice(0, 0)
+    assert store.replace_shard("a", empty) == 0 and store.count() == 0  # fresh store: no-op
+    store.replace_shard("a", _shard("a", _unit(rng, 3)))
+    store.replace_shard("b", _shard("b", _unit(rng, 2)))
+    store.replace_shard("a", empty)
+    assert (store.count("a"), store.count("b")) == (0, 2)
+
+
 def test_knn_returns_true_nearest_by_cosine(store):
     rng = np.random.default_rng(1)
     a, b = _unit(rng, 50), _unit(rng, 20)
