@@ -161,3 +161,36 @@ def assemble_factors(
         raise ValueError("corrected-eigenvalue statistics hold no sequences")
     lambdas = {name: total / lambda_stats.sequence_count for name, total in lambda_stats.sums.items()}
     return EkfacFactors(specs, basis, lambdas, metadata)
+
+
+def covariance_to_tensors(stats: CovarianceStats) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {f"{k}::a_sum": v.contiguous().cpu() for k, v in stats.a_sums.items()}
+    tensors.update({f"{k}::s_sum": v.contiguous().cpu() for k, v in stats.s_sums.items()})
+    return tensors, {"token_count": str(stats.token_count), "kind": "covariance"}
+
+
+def covariance_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> CovarianceStats:
+    pick = lambda suffix: {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}  # noqa: E731
+    return CovarianceStats(pick("::a_sum"), pick("::s_sum"), int(meta["token_count"]))
+
+
+def lambda_to_tensors(stats: LambdaStats) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {f"{k}::lambda_sum": v.contiguous().cpu() for k, v in stats.sums.items()}
+    return tensors, {"sequence_count": str(stats.sequence_count), "kind": "lambda"}
+
+
+def lambda_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> LambdaStats:
+    sums = {k[: -len("::lambda_sum")]: v for k, v in tensors.items() if k.endswith("::lambda_sum")}
+    return LambdaStats(sums, int(meta["sequence_count"]))
+
+
+def eigenbasis_to_tensors(basis: Eigenbasis) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {}
+    for key in ("q_a", "eig_a", "q_s", "eig_s"):
+        tensors.update({f"{name}::{key}": t.contiguous().cpu() for name, t in getattr(basis, key).items()})
+    return tensors, {"split_heads": json.dumps(basis.split_heads), "kind": "eigenbasis"}
+
+
+def eigenbasis_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Eigenbasis:
+    pick = lambda key: {k.rsplit("::", 1)[0]: v for k, v in tensors.items() if k.endswith(f"::{key}")}  # noqa: E731
+    return Eigenbasis(pick("q_a"), pick("eig_a"), pick("q_s"), pick("eig_s"), json.loads(meta["split_heads"]))

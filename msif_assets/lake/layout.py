@@ -9,7 +9,7 @@
   factors/<pt|ft>/<model_hash>/stats/shard=<shard>.safetensors   per-shard raw sums
   queries/queries.parquet
   query_gradients/pt=<hash>/ft=<hash>/method=<m>/damping=<tag>.safetensors
-  candidates/candidates.parquet
+  candidates/shard=<shard>/part.parquet               candidate chunks per query (hive)
   scores/model=<ft_hash>/shard=<shard>/part.parquet   influence scores (hive)
   rejects/source=<name>/part.parquet                  rejected input rows (hive)
   eval/<name>.parquet                                 evaluation tables
@@ -129,8 +129,14 @@ class LakeLayout:
         )
 
     @property
-    def candidates_file(self) -> Path:
-        return self._inside("candidates", "candidates.parquet")
+    def candidates_dir(self) -> Path:
+        return self._inside("candidates")
+
+    def candidates_partition(self, shard: str) -> Path:
+        return self._inside("candidates", f"shard={validate_key(shard, 'shard')}")
+
+    def candidates_file(self, shard: str) -> Path:
+        return self.candidates_partition(shard) / "part.parquet"
 
     @property
     def scores_dir(self) -> Path:

@@ -47,7 +47,7 @@ def lake_status(root: str | os.PathLike[str], sql_dir: str | os.PathLike[str] | 
         "rejects": _hive(layout.rejects_dir),
     }
     paths = {"documents": layout.shards_dir, "chunks": layout.chunks_dir, "queries": layout.queries_file,
-             "candidates": layout.candidates_file, "influence": layout.scores_dir,
+             "candidates": layout.candidates_dir, "influence": layout.scores_dir,
              "rejects": layout.rejects_dir}
     out = [TableStatus(name, counts[name], partitions.get(name, []),
                        str(paths.get(name, layout.eval_dir))) for name in BASE_VIEWS]

@@ -98,7 +98,7 @@ QUERIES = TableSpec("queries", pa.schema([
 CANDIDATES = TableSpec("candidates", pa.schema([
     _f("query_id", _S), _f("doc_id", _S), _f("chunk_id", _S), _f("shard", _S),
     _f("source", _S), _f("knn_distance", pa.float32(), True),
-]), key=("query_id", "shard", "chunk_id"))
+]), key=("query_id", "shard", "chunk_id"), partition_by=("shard",))
 SCORES = TableSpec("scores", pa.schema([
     _f("query_id", _S), _f("doc_id", _S), _f("chunk_id", _S), _f("shard", _S),
     _f("method", _S), _f("damping", pa.float64(), True), _f("damping_kind", _S, True),
@@ -230,16 +230,18 @@ def read_queries(layout: LakeLayout) -> pa.Table:
     return _read_file(layout.queries_file, QUERIES)
 
 
-def write_candidates(layout: LakeLayout, candidates: pa.Table) -> Path:
+def write_candidates(layout: LakeLayout, shard: str, candidates: pa.Table) -> Path:
+    """Replace the candidates of one shard (candidate pools are per shard, so a new shard
+    never changes another shard's pool)."""
     candidates = conform(candidates, CANDIDATES)
     bad = set(candidates.column("source").unique().to_pylist()) - set(CANDIDATE_SOURCES)
     if bad:
         raise TableSchemaError(f"candidates.source: unknown value(s) {sorted(bad)}; allowed {CANDIDATE_SOURCES}")
-    return _write_parquet_atomic(layout.candidates_file, candidates)
+    return _write_partition(layout, layout.candidates_partition(shard), candidates, CANDIDATES, {"shard": shard})
 
 
-def read_candidates(layout: LakeLayout) -> pa.Table:
-    return _read_file(layout.candidates_file, CANDIDATES)
+def read_candidates(layout: LakeLayout, shard: str) -> pa.Table:
+    return _read_file(layout.candidates_file(shard), CANDIDATES, {"shard": shard})
 
 
 def write_scores(layout: LakeLayout, ft_model: str, shard: str, scores: pa.Table) -> Path:

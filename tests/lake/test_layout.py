@@ -15,7 +15,7 @@ def test_paths_follow_the_documented_layout(tmp_path):
     assert lake.query_gradients_file("p", "f", "ms-if", "rel-0.1") == (
         root / "query_gradients/pt=p/ft=f/method=ms-if/damping=rel-0.1.safetensors")
     assert lake.queries_file == root / "queries/queries.parquet"
-    assert lake.candidates_file == root / "candidates/candidates.parquet"
+    assert lake.candidates_file("s1") == root / "candidates/shard=s1/part.parquet"
     assert lake.eval_file("eval_summary") == root / "eval/eval_summary.parquet"
     assert lake.embeddings_dir == root / "embeddings"
 

@@ -5,7 +5,7 @@ import pytest
 from .lake_data import FT, NOW, chunks_table, docs_table, scores_table
 from msif_assets.lake.tables import (
     CANDIDATES, REJECTS, SCORES, TableSchemaError, list_partitions, list_shards, read_chunks, read_docs,
-    read_eval, read_rejects, read_scores, write_candidates, write_chunks, write_docs, write_eval,
+    read_candidates, read_eval, read_rejects, read_scores, write_candidates, write_chunks, write_docs, write_eval,
     write_rejects, write_scores,
 )
 
@@ -53,10 +53,11 @@ def test_schema_violations_are_refused(layout):
 
 
 def test_candidates_source_values_checked(layout):
-    row = {"query_id": "q", "doc_id": "d", "chunk_id": "d#0", "shard": "s", "source": "knn", "knn_distance": 0.1}
-    write_candidates(layout, pa.Table.from_pylist([row], schema=CANDIDATES.schema))
+    row = {"query_id": "q", "doc_id": "d", "chunk_id": "d#0", "shard": "s", "source": "knn", "knn_distance": 0.5}
+    write_candidates(layout, "s", pa.Table.from_pylist([row], schema=CANDIDATES.schema))
+    assert read_candidates(layout, "s").to_pylist() == [row]
     with pytest.raises(TableSchemaError, match="unknown value"):
-        write_candidates(layout, pa.Table.from_pylist([{**row, "source": "magic"}], schema=CANDIDATES.schema))
+        write_candidates(layout, "s", pa.Table.from_pylist([{**row, "source": "magic"}], schema=CANDIDATES.schema))
 
 
 def test_rejects_empty_write_clears_previous(layout):
