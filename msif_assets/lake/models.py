@@ -184,3 +184,13 @@ def load_model_for_finetune(path: str | os.PathLike[str], dtype: Any = None, dev
 
     info = validate_model_dir(path)
     return _load(info, info.task, dtype or torch.float32, device, trust_remote_code, **kwargs)
+
+
+def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> tuple[Any, int | None]:
+    """The model directory's tokenizer and the model window from its config (no weights loaded)."""
+    import json
+
+    info = validate_model_dir(path)
+    config = json.loads((info.path / "config.json").read_text(encoding="utf-8"))
+    window = config.get("max_position_embeddings") or config.get("n_positions") or config.get("seq_length")
+    return _load_tokenizer(info, trust_remote_code), (int(window) if window else None)

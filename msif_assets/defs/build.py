@@ -1,0 +1,80 @@
+"""Assemble the Definitions from a config: the lineage, checks, sensors, schedule, resources,
+plus — when the user brings nothing — the default world's producers and evaluations."""
+
+
+import hashlib
+import json
+
+import dagster as dg
+
+from .checks import CHECKS
+from .config import MsifConfig
+from .corpus import corpus_shards, doc_chunks, doc_embeddings
+from .factors import ft_factors, pt_covariance, pt_eigenbasis, pt_factors, pt_lambda
+from .inputs import SOURCES
+from .queries import candidates, queries, query_gradients
+from .resources import ComputeResource, InputsResource, LakeResource
+from .scores import influence_scores
+from .sensors import SCHEDULES, SENSORS, observe_inputs_job
+
+LINEAGE = [
+    corpus_shards, doc_chunks, doc_embeddings, pt_covariance, pt_eigenbasis, pt_lambda, pt_factors, ft_factors,
+    queries, query_gradients, candidates, influence_scores,
+]
+
+
+# Settings each asset reads: a change to any of them is a new code version, so automation
+# recomputes that asset (and, through data versions, only what its new output touches).
+SETTINGS_READ: dict[str, tuple[str, ...]] = {
+    "doc_chunks": ("max_chunk_tokens", "trust_remote_code"),
+    "doc_embeddings": ("embedding_model_dir",),
+    "pt_covariance": ("labels", "seed", "split_heads", "scope", "factor_shards", "dtype"),
+    "pt_eigenbasis": ("split_heads", "scope", "factor_shards"),
+    "pt_lambda": ("labels", "seed", "split_heads", "scope", "factor_shards", "dtype"),
+    "pt_factors": ("factor_shards",),
+    "ft_factors": ("labels", "seed", "split_heads", "scope", "dtype"),
+    "queries": ("max_new_tokens",),
+    "query_gradients": ("methods", "dampings", "scope", "dtype"),
+    "candidates": ("knn_k", "bm25_k", "all_chunks_below", "embedding_model_dir"),
+    "influence_scores": ("methods", "dampings", "scope", "dtype"),
+}
+CODE_REVISION = "1"  # bump when an asset's computation changes meaning
+
+
+def _with_config_versions(asset_def: dg.AssetsDefinition, compute: ComputeResource) -> dg.AssetsDefinition:
+    fields = compute.model_dump()
+
+    def version(spec: dg.AssetSpec) -> dg.AssetSpec:
+        read = SETTINGS_READ.get(spec.key.to_user_string(), ())
+        payload = json.dumps({k: fields[k] for k in read}, sort_keys=True)
+        return spec.replace_attributes(code_version=f"{CODE_REVISION}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}")
+
+    return asset_def.map_asset_specs(version)
+
+
+def build_resources(config: MsifConfig) -> dict:
+    compute = dict(config.compute)
+    if config.is_demo:
+        from ..demo.settings import demo_compute_defaults
+
+        compute = {**demo_compute_defaults(config.demo_size), **compute}
+    return {
+        "lake": LakeResource(root=config.lake_root),
+        "inputs": InputsResource(**config.resolved_inputs()),
+        "compute": ComputeResource(**compute),
+    }
+
+
+def build_definitions(config: MsifConfig) -> dg.Definitions:
+    resources = build_resources(config)
+    assets: list = [*SOURCES, *(_with_config_versions(a, resources["compute"]) for a in LINEAGE)]
+    checks = list(CHECKS)
+    if config.is_demo:
+        from .demo import DEMO_ASSETS, DEMO_CHECKS, demo_resource
+
+        assets += DEMO_ASSETS
+        checks += DEMO_CHECKS
+        resources["demo"] = demo_resource(config)
+    return dg.Definitions(
+        assets=assets, asset_checks=checks, sensors=SENSORS, schedules=SCHEDULES, jobs=[observe_inputs_job], resources=resources,
+    )

@@ -1,0 +1,78 @@
+"""One config file (TOML) plus environment variables → resources.
+
+Looked up in ``$MSIF_CONFIG``, else ``./msif.toml``; with neither, msif runs on the embedded
+default world. Sections: ``[lake] root``, ``[inputs] inbox/pretrained_model/finetuned_model/
+finetune_data/queries`` (all five, or none for the default world), ``[compute] …`` (any
+``ComputeResource`` field), ``[demo] dir/size``. ``MSIF_LAKE`` overrides the lake root.
+"""
+
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+INPUT_FIELDS = ("inbox", "pretrained_model", "finetuned_model", "finetune_data", "queries")
+
+
+@dataclass(frozen=True)
+class MsifConfig:
+    lake_root: str = "lake"
+    inputs: dict[str, str] = field(default_factory=dict)
+    compute: dict = field(default_factory=dict)
+    demo_dir: str = ".msif/demo"
+    demo_size: str = "default"
+    source: str = "defaults"
+
+    @property
+    def is_demo(self) -> bool:
+        return not self.inputs
+
+    def demo_inputs(self) -> dict[str, str]:
+        """Where the default world's producers write what the lineage then observes."""
+        root = Path(self.demo_dir).expanduser().resolve()
+        return {
+            "inbox": str(root / "world" / "corpus"),
+            "pretrained_model": str(root / "models" / "pretrained"),
+            "finetuned_model": str(root / "models" / "finetuned"),
+            "finetune_data": str(root / "world" / "finetune.jsonl"),
+            "queries": str(root / "world" / "queries.jsonl"),
+        }
+
+    def resolved_inputs(self) -> dict[str, str]:
+        return self.demo_inputs() if self.is_demo else dict(self.inputs)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
+    candidate = Path(path or os.environ.get("MSIF_CONFIG") or "msif.toml")
+    raw: dict = {}
+    if candidate.is_file():
+        try:
+            raw = tomllib.loads(candidate.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{candidate}: {err} — fix the TOML syntax") from err
+    elif path or os.environ.get("MSIF_CONFIG"):
+        raise ConfigError(f"config file {candidate} does not exist")
+    unknown = set(raw) - {"lake", "inputs", "compute", "demo"}
+    if unknown:
+        raise ConfigError(f"{candidate}: unknown section(s) {sorted(unknown)}; use lake, inputs, compute, demo")
+    inputs = raw.get("inputs", {})
+    if inputs and set(inputs) != set(INPUT_FIELDS):
+        missing, extra = set(INPUT_FIELDS) - set(inputs), set(inputs) - set(INPUT_FIELDS)
+        raise ConfigError(f"{candidate}: [inputs] needs exactly {list(INPUT_FIELDS)}; missing {sorted(missing)}, unknown {sorted(extra)}")
+    base = candidate.parent.resolve() if candidate.is_file() else Path.cwd()
+    absolute = lambda p: str((base / Path(p).expanduser()).resolve())  # noqa: E731
+    lake_root = os.environ.get("MSIF_LAKE") or absolute(raw.get("lake", {}).get("root", "lake"))
+    demo = raw.get("demo", {})
+    return MsifConfig(
+        lake_root=lake_root,
+        inputs={k: absolute(v) for k, v in inputs.items()},
+        compute=dict(raw.get("compute", {})),
+        demo_dir=absolute(demo.get("dir", ".msif/demo")),
+        demo_size=demo.get("size", "default"),
+        source=str(candidate) if candidate.is_file() else "defaults",
+    )

@@ -1,0 +1,145 @@
+"""Run the lineage in-process: a full materialization, or the refresh loop the automation
+daemon would run (observe inputs → evaluate conditions → execute what they request).
+
+Requests are executed in dependency order; all partitioned assets ready together run in one
+Dagster run per shard, so every run shows up in the UI (``dagster dev``) like a daemon's.
+"""
+
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.definitions.observe import observe
+from dagster._serdes import deserialize_value, serialize_value
+
+from ..pipeline.corpus import inbox_shards
+from .corpus import SHARDS
+from .inputs import SOURCES
+
+log = logging.getLogger(__name__)
+Requests = dict[dg.AssetKey, set[str | None]]
+
+
+@dataclass
+class RunLog:
+    """What ran: ``(asset key, partition or None)`` pairs, in execution order, and timings."""
+
+    executed: list[tuple[str, str | None]] = field(default_factory=list)
+    runs: int = 0
+    seconds: float = 0.0
+
+    def keys(self) -> set[tuple[str, str | None]]:
+        return set(self.executed)
+
+
+def register_shards(instance: dg.DagsterInstance, inbox: str | Path) -> list[str]:
+    """Add a shard partition for every inbox file not yet known (what the inbox sensor does)."""
+    known = set(instance.get_dynamic_partitions(SHARDS.name))
+    new = sorted(set(inbox_shards(inbox)) - known)
+    if new:
+        instance.add_dynamic_partitions(SHARDS.name, new)
+    return new
+
+
+def observe_inputs(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    observe(SOURCES, instance=instance, resources=defs.resources)
+
+
+def _graph(defs: dg.Definitions):
+    return defs.resolve_asset_graph()
+
+
+def all_requests(defs: dg.Definitions, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None = None) -> Requests:
+    """Every partition of every materializable asset (or of ``keys``)."""
+    graph = _graph(defs)
+    shards = instance.get_dynamic_partitions(SHARDS.name)
+    out: Requests = {}
+    for key in keys or graph.materializable_asset_keys:
+        node = graph.get(key)
+        out[key] = set(shards) if node.partitions_def is not None else {None}
+    return out
+
+
+def execute(defs: dg.Definitions, instance: dg.DagsterInstance, requests: Requests, run_log: RunLog | None = None) -> RunLog:
+    """Materialize ``requests`` in dependency order."""
+    run_log = run_log or RunLog()
+    graph = _graph(defs)
+    assets = list(defs.assets or []) + list(defs.asset_checks or [])
+    remaining = {k for k, parts in requests.items() if parts}
+    done: set[dg.AssetKey] = set()
+    started = time.perf_counter()
+
+    def deps_done(key, batch=frozenset()):
+        return all(p in done or p in batch or p not in remaining for p in graph.get(key).parent_keys)
+
+    while remaining:
+        unpartitioned = sorted((k for k in remaining if graph.get(k).partitions_def is None and deps_done(k)), key=str)
+        if unpartitioned:
+            _run(assets, defs, instance, unpartitioned, None, run_log)
+            done |= set(unpartitioned)
+            remaining -= set(unpartitioned)
+            continue
+        batch: set[dg.AssetKey] = set()
+        grew = True
+        while grew:
+            grew = False
+            for key in remaining - batch:
+                if graph.get(key).partitions_def is not None and deps_done(key, frozenset(batch)):
+                    batch.add(key)
+                    grew = True
+        if not batch:
+            raise RuntimeError(f"cannot order the requested assets: {sorted(map(str, remaining))}")
+        by_partition: dict[str, list[dg.AssetKey]] = defaultdict(list)
+        for key in batch:
+            for partition in requests[key]:
+                by_partition[partition].append(key)
+        for partition in sorted(by_partition):
+            _run(assets, defs, instance, sorted(by_partition[partition], key=str), partition, run_log)
+        done |= batch
+        remaining -= batch
+    run_log.seconds += time.perf_counter() - started
+    return run_log
+
+
+def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
+    label = ", ".join(k.to_user_string() for k in keys)
+    log.info("materializing %s%s", label, f" [{partition}]" if partition else "")
+    result = dg.materialize(
+        assets, selection=dg.AssetSelection.assets(*keys), partition_key=partition, instance=instance, resources=defs.resources,
+        tags={"msif/runner": "cli"},
+    )
+    if not result.success:
+        raise RuntimeError(f"run failed for {label} [{partition}]")
+    run_log.runs += 1
+    run_log.executed += [(k.to_user_string(), partition) for k in keys]
+
+
+def automation_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor) -> tuple[Requests, object]:
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    requests = {key: set(result.get_requested_partitions(key)) for key in result._requested_partitions_by_asset_key}
+    return {k: v for k, v in requests.items() if v}, result.cursor
+
+
+def refresh(defs: dg.Definitions, instance: dg.DagsterInstance, cursor, max_ticks: int = 25) -> tuple[RunLog, object]:
+    """Tick the automation conditions and execute what they request, until nothing is."""
+    run_log = RunLog()
+    for _ in range(max_ticks):
+        requests, cursor = automation_tick(defs, instance, cursor)
+        if not requests:
+            return run_log, cursor
+        execute(defs, instance, requests, run_log)
+    raise RuntimeError(f"automation still requesting after {max_ticks} ticks: {run_log.executed[-10:]}")
+
+
+def load_cursor(path: Path):
+    return deserialize_value(path.read_text()) if path.exists() else None
+
+
+def save_cursor(path: Path, cursor) -> None:
+    from ..lake.atomic import atomic_write_text
+
+    atomic_write_text(path, serialize_value(cursor))

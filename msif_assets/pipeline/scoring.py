@@ -1,0 +1,99 @@
+"""Scoring step: every configured method over one shard's candidate chunks.
+
+Influence methods stack all their query vectors along Q, so one forward+backward per
+candidate on θ_pt serves MS-IF (every damping) and GDP together, and one on θ_ft serves SS-IF.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import torch
+
+from ..engine import Damping, score_examples
+from ..engine.baselines import BM25Index, pad_batches, representation_similarity
+from ..lake import tables
+from ..lake.layout import LakeLayout
+from .corpus import chunk_examples
+from .factors import pad_id_of
+from .models import ModelPair
+from .queries import damping_tag, method_keys, query_examples, query_texts
+from .settings import ComputeSettings
+
+
+def _stacked_scores(model, specs, keyed_vectors: dict, examples, settings: ComputeSettings, pad_id: int) -> dict:
+    """``{key: (total, mlp, attn)}`` each (N, Q), from one pass with all keys' vectors stacked."""
+    keys = list(keyed_vectors)
+    if not keys:
+        return {}
+    n_queries = next(iter(keyed_vectors[keys[0]].values())).shape[0]
+    stacked = {s.name: torch.cat([keyed_vectors[k][s.name] for k in keys], 0) for s in specs}
+    scores = score_examples(model, specs, stacked, examples, settings.batch_size, pad_id)
+    parts = (scores.total, scores.group_total("mlp"), scores.group_total("attn"))
+    return {k: tuple(p[:, i * n_queries : (i + 1) * n_queries].cpu() for p in parts) for i, k in enumerate(keys)}
+
+
+def score_shard(
+    layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Table, vectors: dict, settings: ComputeSettings
+) -> pa.Table:
+    """Rows of tables.SCORES for every (candidate, query) pair of ``shard`` and every method."""
+    candidates = tables.read_candidates(layout, shard)
+    chunks = tables.read_chunks(layout, shard)
+    wanted = set(candidates.column("chunk_id").to_pylist())
+    chunks = chunks.filter(pa.compute.is_in(chunks.column("chunk_id"), pa.array(sorted(wanted), pa.string())))
+    chunk_ids, doc_ids = chunks.column("chunk_id").to_pylist(), chunks.column("doc_id").to_pylist()
+    qids = queries.column("query_id").to_pylist()
+    if not chunk_ids:
+        return tables.SCORES.schema.empty_table()
+
+    results: dict[tuple[str, Damping | None], tuple] = {}
+    keys = method_keys(settings)
+    on_pt = {(m, damping_tag(d)): vectors[(m, damping_tag(d))] for m, d in keys if m != "ss-if"}
+    on_ft = {(m, damping_tag(d)): vectors[(m, damping_tag(d))] for m, d in keys if m == "ss-if"}
+    pt_examples = chunk_examples(chunks, pair.pt.tokenizer.bos_token_id)
+    by_tag = {(m, damping_tag(d)): (m, d) for m, d in keys}
+    for key, value in _stacked_scores(pair.pt.model, pair.specs, on_pt, pt_examples, settings, pad_id_of(pair.pt)).items():
+        results[by_tag[key]] = value
+    if on_ft and pair.ft.task == "causal_lm":
+        for key, value in _stacked_scores(pair.ft.model, pair.specs, on_ft, pt_examples, settings, pad_id_of(pair.ft)).items():
+            results[by_tag[key]] = value
+    if "repsim" in settings.methods:
+        pad = pad_id_of(pair.pt)
+        cand = pad_batches([list(e.input_ids) for e in pt_examples], settings.batch_size, pad)
+        qry = pad_batches([list(e.input_ids) for e in query_examples(queries, pair.ft)], settings.batch_size, pad)
+        results[("repsim", None)] = (representation_similarity(pair.pt.model, pair.ft.model, cand, qry, layer="last_block").cpu(), None, None)
+    if "bm25" in settings.methods:
+        index = BM25Index.build(chunks.column("text").to_pylist(), chunk_ids, stopwords=None)
+        columns = [torch.from_numpy(index.scores(text)) for text in query_texts(queries)]
+        results[("bm25", None)] = (torch.stack(columns, 1), None, None)
+    return _rows(shard, candidates, chunk_ids, doc_ids, qids, results, pair)
+
+
+def _rows(shard, candidates: pa.Table, chunk_ids, doc_ids, qids, results, pair: ModelPair) -> pa.Table:
+    row_of = {c: i for i, c in enumerate(chunk_ids)}
+    col_of = {q: j for j, q in enumerate(qids)}
+    pairs = [(q, c) for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist()) if q in col_of]
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = []
+    for (method, damping), (total, mlp, attn) in results.items():
+        block = []
+        for q, c in pairs:
+            i, j = row_of[c], col_of[q]
+            block.append({
+                "query_id": q, "doc_id": doc_ids[i], "chunk_id": c, "shard": shard, "method": method,
+                "damping": None if damping is None else damping.value,
+                "damping_kind": None if damping is None else damping.mode,
+                "score": float(total[i, j]),
+                "score_mlp": None if mlp is None else float(mlp[i, j]),
+                "score_attn": None if attn is None else float(attn[i, j]),
+                "pt_model": pair.pt_hash, "ft_model": pair.ft_hash, "computed_at": now,
+            })
+        block.sort(key=lambda r: (r["query_id"], -r["score"], r["chunk_id"]))
+        rank, last = 0, None
+        for r in block:
+            rank = rank + 1 if r["query_id"] == last else 1
+            last = r["query_id"]
+            r["rank"] = rank
+        rows += block
+    return pa.Table.from_pylist(rows, schema=tables.SCORES.schema)
