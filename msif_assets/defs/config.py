@@ -36,7 +36,7 @@ class MsifConfig:
             "pretrained_model": str(root / "models" / "pretrained"),
             "finetuned_model": str(root / "models" / "finetuned"),
             "finetune_data": str(root / "world" / "finetune.jsonl"),
-            "queries": str(root / "world" / "queries.jsonl"),
+            "queries": str(root / "world" / "lake_queries.jsonl"),
         }
 
     def resolved_inputs(self) -> dict[str, str]:

@@ -1,0 +1,96 @@
+"""``msif demo`` / ``msif materialize`` / ``msif refresh``: run the lineage in-process.
+
+Runs are recorded in the Dagster instance at ``$DAGSTER_HOME`` (default: the repository's
+``dagster_home/``), so ``dagster dev`` shows them afterwards.
+"""
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+REPO_HOME = Path(__file__).resolve().parents[2] / "dagster_home"
+
+
+def _instance():
+    import dagster as dg
+
+    if not os.environ.get("DAGSTER_HOME") and (REPO_HOME / "dagster.yaml").is_file():
+        os.environ["DAGSTER_HOME"] = str(REPO_HOME)
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+
+
+def _setup(args):
+    from .build import build_definitions
+    from .config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("dagster", "httpx", "sentence_transformers", "lancedb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = load_config(args.config)
+    if args.lake:
+        config = type(config)(**{**config.__dict__, "lake_root": str(Path(args.lake).resolve())})
+    return config, build_definitions(config), _instance()
+
+
+def bring_up_to_date(config, defs, instance) -> tuple:
+    """Materialize what was never materialized, then refresh whatever changed since."""
+    import dagster as dg
+
+    from . import runner
+
+    started = time.perf_counter()
+    if config.is_demo:
+        runner.execute(defs, instance, {dg.AssetKey("default_world"): {None}})
+    new_shards = runner.register_shards(instance, config.resolved_inputs()["inbox"])
+    runner.observe_inputs(defs, instance)
+    cursor_path = Path(config.lake_root) / ".automation_cursor"
+    cursor = runner.load_cursor(cursor_path)
+    missing = {k: v for k, v in runner.all_requests(defs, instance).items() if not _materialized(instance, k, v)}
+    ran = runner.execute(defs, instance, missing) if missing else runner.RunLog()
+    if cursor is None:
+        _, cursor = runner.automation_tick(defs, instance, None)
+    refreshed, cursor = runner.refresh(defs, instance, cursor)
+    runner.save_cursor(cursor_path, cursor)
+    return ran, refreshed, new_shards, time.perf_counter() - started
+
+
+def _materialized(instance, key, partitions) -> bool:
+    if partitions == {None}:
+        return instance.get_latest_materialization_event(key) is not None
+    done = instance.get_materialized_partitions(key)
+    return set(partitions) <= set(done)
+
+
+def cmd_demo(args) -> int:
+    config, defs, instance = _setup(args)
+    if not config.is_demo:
+        print(f"msif demo runs the embedded default world, but {config.source} brings inputs; use `msif materialize`.")
+        return 2
+    ran, refreshed, _, seconds = bring_up_to_date(config, defs, instance)
+    from .report import print_demo_report
+
+    print_demo_report(config, ran, refreshed, seconds)
+    return 0
+
+
+def cmd_materialize(args) -> int:
+    config, defs, instance = _setup(args)
+    ran, refreshed, new_shards, seconds = bring_up_to_date(config, defs, instance)
+    print(f"{len(ran.executed) + len(refreshed.executed)} asset partitions in {ran.runs + refreshed.runs} runs, {seconds:.1f}s "
+          f"(new shards: {', '.join(new_shards) or 'none'}); lake at {config.lake_root}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from ..cli import lake_option
+
+    for name, handler, text in (
+        ("demo", cmd_demo, "build the default world and run the whole lineage on it, then show results"),
+        ("materialize", cmd_materialize, "materialize everything missing, then refresh whatever changed (your config)"),
+        ("refresh", cmd_materialize, "alias of materialize: bring the lake up to date with its inputs"),
+    ):
+        parser = subparsers.add_parser(name, parents=[lake_option()], help=text, description=text)
+        parser.add_argument("--config", default=None, help="msif.toml (default: $MSIF_CONFIG or ./msif.toml; none = default world)")
+        parser.set_defaults(handler=handler)
