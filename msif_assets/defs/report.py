@@ -12,9 +12,9 @@ FROM influence_with_text
 WHERE query_id = $q AND method = 'ms-if' AND damping_kind = 'relative'
 ORDER BY rank LIMIT 5"""
 
-EXAMPLE_SQL = """SELECT method, damping_kind, damping, count(DISTINCT query_id) AS queries,
-       round(avg(CASE WHEN rank <= 10 THEN 1 ELSE 0 END), 3) AS share_in_top10
-FROM influence GROUP BY ALL ORDER BY method, damping"""
+EXAMPLE_SQL = """SELECT method, damping_kind, damping, round(avg(mlp_share), 3) AS mlp_share,
+       round(avg(attn_share), 3) AS attn_share, count(*) AS queries
+FROM mlp_attn_share GROUP BY ALL ORDER BY method, damping_kind, damping"""
 
 
 def _world_metrics(config) -> dict:
