@@ -18,7 +18,7 @@ from ..pipeline.factors import (
     factor_args, finetune_examples, fit_finetuned_factors, load_covariance, load_eigenbasis, load_lambda,
     merge_all, pad_id_of, save_covariance, save_eigenbasis, save_factors, save_lambda,
 )
-from ..pipeline.models import load_finetuned, load_pretrained, short_hash
+from ..pipeline.models import check_pair, load_finetuned, load_pretrained, short_hash
 from ..engine.factors import assemble_factors
 from ..engine.influence import factor_metadata
 from .automation import HEAVY_POOL, refresh_on_change, safetensors_version
@@ -41,6 +41,7 @@ def pt_covariance(context: dg.AssetExecutionContext, lake: LakeResource, inputs:
     settings, shard, layout = compute.settings(), context.partition_key, lake.layout()
     if not settings.in_factor_set(shard):
         return dg.MaterializeResult(metadata={"in_factor_set": False}, data_version=EXCLUDED)
+    check_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)
     pt = load_pretrained(inputs.path("pretrained_model"), settings)
     specs = discover_modules(pt.model, settings.scope)
     examples = chunk_examples(tables.read_chunks(layout, shard), pt.tokenizer.bos_token_id)
@@ -118,6 +119,7 @@ def ft_factors(context: dg.AssetExecutionContext, lake: LakeResource, inputs: In
     """EK-FAC factors of θ_ft on its own fine-tuning data sample."""
     settings, layout = compute.settings(), lake.layout()
     ft_hash = short_hash(fingerprint_model_dir(inputs.path("finetuned_model")))
+    check_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)
     ft = load_finetuned(inputs.path("finetuned_model"), settings)
     specs = discover_modules(ft.model, settings.scope)
     examples = finetune_examples(read_finetune_file(inputs.path("finetune_data")), ft)

@@ -49,3 +49,19 @@ def model_window(loaded: LoadedModel, requested: int = 0) -> int:
     if not window:
         raise ValueError("the model config states no window; set max_chunk_tokens")
     return int(window)
+
+
+def check_pair(pt_dir: str | Path, ft_dir: str | Path, settings: ComputeSettings) -> list[ModuleSpec]:
+    """The compatibility check, from the two configs alone (models built on the meta device,
+    no weights read): raises ``IncompatibleModelsError`` listing every mismatch."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    def skeleton(path):
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=settings.trust_remote_code)
+        is_cls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        cls = AutoModelForSequenceClassification if is_cls else AutoModelForCausalLM
+        with torch.device("meta"):
+            return cls.from_config(config, trust_remote_code=settings.trust_remote_code)
+
+    return shared_modules(skeleton(pt_dir), skeleton(ft_dir), settings.scope)
