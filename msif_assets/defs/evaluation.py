@@ -95,7 +95,8 @@ def build_ekfac_fidelity(config: ev.FidelityConfig = ev.FidelityConfig()) -> dg.
 ekfac_fidelity = build_ekfac_fidelity()
 
 
-@dg.asset(group_name=GROUP, deps=[pretrained_model, finetuned_model], automation_condition=refresh_on_change(), kinds={"pytorch", "parquet"})
+@dg.asset(group_name=GROUP, deps=[pretrained_model, finetuned_model], automation_condition=refresh_on_change(),
+          kinds={"pytorch", "parquet"})
 def param_proximity(lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """‖θ_ft − θ_pt‖₂ / ‖θ_pt‖₂ over the tracked weights (all, MLP, attention) and over all
     parameters the two models share (paper: at most a few percent)."""
@@ -104,8 +105,9 @@ def param_proximity(lake: LakeResource, inputs: InputsResource, compute: Compute
             for r in ev.parameter_proximity(pair.pt.model, pair.ft.model, pair.specs)]
     table = pa.Table.from_pylist(rows, schema=ev.PARAM_PROXIMITY.schema)
     ev.write_eval_table(lake.layout(), "param_proximity", ev.PARAM_PROXIMITY, table)
+    cols = ["scope", "n_tensors", "n_params", "relative_distance"]
     return dg.MaterializeResult(
-        metadata={"tracked": rows[0]["relative_distance"], "table": dg.MetadataValue.md(ev.markdown_table(rows, ["scope", "n_tensors", "n_params", "relative_distance"]))},
+        metadata={"tracked": rows[0]["relative_distance"], "table": dg.MetadataValue.md(ev.markdown_table(rows, cols))},
         data_version=_version(table),
     )
 
@@ -116,15 +118,18 @@ def influence_share(lake: LakeResource, inputs: InputsResource, compute: Compute
     their share of tracked parameters (paper: attention ≈ 25% of parameters, ≈ 14.5% of influence)."""
     layout, settings = lake.layout(), compute.settings()
     pt_hash, ft_hash = _hashes(inputs)
-    counts = ev.tracked_parameter_counts(ev.meta_model_specs(inputs.path("pretrained_model"), settings.scope, settings.trust_remote_code))
+    specs = ev.meta_model_specs(inputs.path("pretrained_model"), settings.scope, settings.trust_remote_code)
+    counts = ev.tracked_parameter_counts(specs)
     now = ev.now_utc()
     rows = [{**r, "pt_model": pt_hash, "ft_model": ft_hash, "computed_at": now}
             for r in ev.influence_shares(ev.load_chunk_scores(layout, pt_hash, ft_hash), counts)]
     table = pa.Table.from_pylist(rows, schema=ev.INFLUENCE_SHARE.schema)
     ev.write_eval_table(layout, "influence_share", ev.INFLUENCE_SHARE, table)
     cols = ["method", "damping", "influence_share_mlp", "influence_share_attn", "param_share_mlp", "param_share_attn"]
+    shown = [{**r, "damping": ev.damping_label(r["damping_kind"], r["damping"])} for r in rows]
     return dg.MaterializeResult(
-        metadata={"param_count_mlp": counts["mlp"], "param_count_attn": counts["attn"], "table": dg.MetadataValue.md(ev.markdown_table(rows, cols))},
+        metadata={"param_count_mlp": counts["mlp"], "param_count_attn": counts["attn"],
+                  "table": dg.MetadataValue.md(ev.markdown_table(shown, cols))},
         data_version=_version(table),
     )
 

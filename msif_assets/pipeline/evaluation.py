@@ -38,7 +38,7 @@ import datetime as dt
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -50,7 +50,9 @@ from torch import nn
 from ..engine import discover_modules, document_example, query_example
 from ..engine.baselines import BM25Index
 from ..engine.fidelity import FidelityRow, fidelity_table
-from ..engine.metrics import influence_share, rank_by_score, recall_at_k_any, recall_at_k_fraction, reciprocal_rank, relative_distance
+from ..engine.metrics import (
+    influence_share, rank_by_score, recall_at_k_any, recall_at_k_fraction, reciprocal_rank, relative_distance,
+)
 from ..engine.modules import ModuleSpec, weight_matrix
 from ..lake import tables
 from ..lake.atomic import atomic_write
@@ -59,7 +61,8 @@ from .queries import query_texts
 
 PROTOCOLS = ("full", "rerank")
 RANKING_TABLES = {p: f"fact_tracing_{p}" for p in PROTOCOLS}
-SUMMARY_METRICS = ("mrr", "recall_any_at_10", "recall_frac_at_10", "mean_candidates")
+SUMMARY_METRICS = {"mrr": "reciprocal_rank", "recall_any_at_10": "recall_any_at_10",
+                   "recall_frac_at_10": "recall_frac_at_10", "mean_candidates": "n_candidates"}  # metric: mean of column
 K = 10
 MethodKey = tuple[str, "str | None", "float | None"]  # (method, damping_kind, damping)
 
@@ -235,16 +238,19 @@ def fact_tracing(doc_scores: pa.Table, queries: pa.Table, doc_texts: Mapping[str
         by_key = lookup.get(q["query_id"], {})
         eligible = set.intersection(*(set(by_key.get(k, {})) for k in keys)) if keys else set()
         pool = rerank_pool(q["query_id"], q["text"], q["answer"], q["gold"], eligible, doc_texts, index, config)
-        pools.append({"query_id": q["query_id"], "n_gold": len(q["gold"]), "n_gold_in_pool": len(pool.gold), "n_bm25": len(pool.bm25),
-                      "n_same_answer": len(pool.same_answer), "n_random": len(pool.random), "n_pool": len(pool.members),
-                      "n_eligible": pool.n_eligible, "seed": config.seed, "ft_model": ft_model, "computed_at": now})
+        pools.append({"query_id": q["query_id"], "n_gold": len(q["gold"]), "n_gold_in_pool": len(pool.gold),
+                      "n_bm25": len(pool.bm25), "n_same_answer": len(pool.same_answer), "n_random": len(pool.random),
+                      "n_pool": len(pool.members), "n_eligible": pool.n_eligible, "seed": config.seed,
+                      "ft_model": ft_model, "computed_at": now})
         for method, kind, damping in keys:
-            base = {"query_id": q["query_id"], "method": method, "damping_kind": kind, "damping": damping, "ft_model": ft_model, "computed_at": now}
+            base = {"query_id": q["query_id"], "method": method, "damping_kind": kind, "damping": damping,
+                    "ft_model": ft_model, "computed_at": now}
             scores = by_key.get((method, kind, damping), {})
             for protocol, members in (("full", eligible), ("rerank", pool.members)):
                 rows[protocol].append({**base, **rank_metrics(scores, members, q["gold"])})
     rankings = {p: pa.Table.from_pylist(rows[p], schema=tables.EVAL_RANKING.schema) for p in PROTOCOLS}
-    return FactTracing(rankings, summarize(rankings, ft_model, now), pa.Table.from_pylist(pools, schema=FACT_TRACING_POOLS.schema))
+    pool_table = pa.Table.from_pylist(pools, schema=FACT_TRACING_POOLS.schema)
+    return FactTracing(rankings, summarize(rankings, ft_model, now), pool_table)
 
 
 def summarize(rankings: Mapping[str, pa.Table], ft_model: str, computed_at: dt.datetime) -> pa.Table:
@@ -255,9 +261,7 @@ def summarize(rankings: Mapping[str, pa.Table], ft_model: str, computed_at: dt.d
         for r in table.to_pylist():
             groups.setdefault((r["method"], r["damping_kind"], r["damping"]), []).append(r)
         for (method, kind, damping), group in sorted(groups.items(), key=lambda kv: _key_order(kv[0])):
-            means = {"mrr": "reciprocal_rank", "recall_any_at_10": "recall_any_at_10",
-                     "recall_frac_at_10": "recall_frac_at_10", "mean_candidates": "n_candidates"}
-            for metric, column in means.items():
+            for metric, column in SUMMARY_METRICS.items():
                 out.append({"method": method, "damping": damping, "damping_kind": kind, "metric": f"{protocol}/{metric}",
                             "value": sum(r[column] for r in group) / len(group), "n_queries": len(group),
                             "ft_model": ft_model, "computed_at": computed_at})
@@ -273,25 +277,24 @@ def summary_markdown(summary: pa.Table) -> str:
     cells: dict[tuple, dict[str, float]] = {}
     for r in summary.to_pylist():
         cells.setdefault((r["method"], r["damping_kind"], r["damping"]), {})[r["metric"]] = r["value"]
-    cols = [f"{p}/{m}" for p in PROTOCOLS for m in SUMMARY_METRICS[:3]]
+    cols = [f"{p}/{m}" for p in PROTOCOLS for m in list(SUMMARY_METRICS)[:3]]
     lines = ["| method | damping | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for (method, kind, damping), vals in sorted(cells.items(), key=lambda kv: _key_order(kv[0])):
-        lines.append(f"| {method} | {damping_label(kind, damping)} | " + " | ".join(f"{vals.get(c, float('nan')):.3f}" for c in cols) + " |")
+        values = " | ".join(f"{vals.get(c, float('nan')):.3f}" for c in cols)
+        lines.append(f"| {method} | {damping_label(kind, damping)} | {values} |")
     return "\n".join(lines)
 
 
 def plot_fact_tracing(summary: pa.Table, path: Path) -> Path:
     """PNG: rows = protocols, columns = MRR / Recall@10 any / fraction, x = damping (log).
     Undamped methods (GDP, RepSim, BM25) are dashed horizontal lines."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend state (renders with Agg)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(PROTOCOLS), 3, figsize=(13, 7), squeeze=False)
+    fig = Figure(figsize=(13, 7))
+    axes = fig.subplots(len(PROTOCOLS), 3, squeeze=False)
     rows = summary.to_pylist()
     for i, protocol in enumerate(PROTOCOLS):
-        for j, metric in enumerate(SUMMARY_METRICS[:3]):
+        for j, metric in enumerate(list(SUMMARY_METRICS)[:3]):
             ax, lines = axes[i][j], {}
             for r in rows:
                 if r["metric"] == f"{protocol}/{metric}":
@@ -305,13 +308,11 @@ def plot_fact_tracing(summary: pa.Table, path: Path) -> Path:
             if any(k[1] for k in lines):
                 ax.set_xscale("log")
             ax.set_title(f"{protocol}: {metric}")
-            ax.set_xlabel("damping")
+            ax.set_xlabel("damping (kind in legend)")
             ax.set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
-    plt.close(fig)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
 
 
 def png_markdown(path: Path) -> str:
@@ -434,7 +435,8 @@ class FidelityConfig:
 
     @property
     def model_label(self) -> str:
-        return "markov-gpt-neox-" + "-".join(f"{k}{v}" for k, v in asdict(self).items() if k not in ("dampings", "fisher_repeats"))
+        sizes = {k: v for k, v in asdict(self).items() if k not in ("dampings", "fisher_repeats")}
+        return "markov-gpt-neox-" + "-".join(f"{k}{v}" for k, v in sizes.items())
 
 
 def markov_sequences(n: int, length: int, vocab: int, chain_seed: int, draw_seed: int) -> list[list[int]]:
@@ -456,7 +458,7 @@ class FidelityResult:
     final_loss: float  # training loss (token mean); uniform guessing is ln(vocab)
     n_pairs: int
     train_seconds: float
-    config: FidelityConfig = field(default_factory=FidelityConfig)
+    config: FidelityConfig
 
 
 def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
@@ -464,12 +466,14 @@ def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(
-        vocab_size=config.vocab, hidden_size=config.hidden, num_hidden_layers=config.layers, num_attention_heads=config.heads,
-        intermediate_size=config.intermediate, max_position_embeddings=config.seq_len, attn_implementation="sdpa"))
     train = markov_sequences(config.n_train, config.seq_len, config.vocab, config.seed, config.seed + 1)
     ids = torch.tensor(train)
+    with torch.random.fork_rng():  # seeded init without touching the caller's RNG state
+        torch.manual_seed(config.seed)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=config.vocab, hidden_size=config.hidden, num_hidden_layers=config.layers,
+            num_attention_heads=config.heads, intermediate_size=config.intermediate,
+            max_position_embeddings=config.seq_len, attn_implementation="sdpa"))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     for _ in range(config.train_steps):
         opt.zero_grad()
@@ -480,7 +484,8 @@ def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
     train_seconds = time.perf_counter() - started
     model = model.double().eval()
     p = config.prompt_len
-    queries = [query_example(s[:p], s[p:]) for s in markov_sequences(config.n_queries, config.seq_len, config.vocab, config.seed, config.seed + 2)]
+    held_out = markov_sequences(config.n_queries, config.seq_len, config.vocab, config.seed, config.seed + 2)
+    queries = [query_example(s[:p], s[p:]) for s in held_out]
     docs = [document_example(s) for s in train]
     rows = fidelity_table(model, docs, queries, docs, config.dampings, config.fisher_repeats, config.seed)
     return FidelityResult(rows, loss, len(queries) * len(docs), train_seconds, config)
@@ -489,6 +494,7 @@ def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
 def fidelity_rows(result: FidelityResult, computed_at: dt.datetime | None = None) -> pa.Table:
     """EVAL_FIDELITY rows: one per (method, damping); reference = exact damped GGN."""
     now = computed_at or now_utc()
-    rows = [{"method": r.method, "reference": "exact-ggn", "damping": r.damping, "spearman": r.spearman, "pearson": r.pearson,
-             "n_pairs": result.n_pairs, "seconds": r.seconds, "model": result.config.model_label, "computed_at": now} for r in result.rows]
+    rows = [{"method": r.method, "reference": "exact-ggn", "damping": r.damping, "spearman": r.spearman,
+             "pearson": r.pearson, "n_pairs": result.n_pairs, "seconds": r.seconds,
+             "model": result.config.model_label, "computed_at": now} for r in result.rows]
     return pa.Table.from_pylist(rows, schema=tables.EVAL_FIDELITY.schema)
