@@ -1,10 +1,15 @@
--- fact_tracing_summary: the fact-tracing means of eval_summary (written by the
--- fact_tracing_eval asset) with the protocol as a column. protocol: 'full' ranks every
+-- fact_tracing: fact-tracing means per protocol, method and damping, one row each (a pivot
+-- of eval_summary, written by the fact_tracing_eval asset). protocol: 'full' ranks every
 -- scored document of a query, 'rerank' its Akyürek et al. pool (gold ∪ BM25 top-100 ∪ 100
--- same-answer ∪ 100 random). metric: mrr, recall_any_at_10, recall_frac_at_10,
--- mean_candidates. Per-query rows: eval/fact_tracing_<protocol>.parquet.
-CREATE OR REPLACE VIEW fact_tracing_summary AS
+-- same-answer ∪ 100 random). mean_candidates: documents ranked per query (pool size).
+-- Per-query rows: eval/fact_tracing_<protocol>.parquet; pools: eval/fact_tracing_pools.parquet.
+CREATE OR REPLACE VIEW fact_tracing AS
 SELECT split_part(metric, '/', 1) AS protocol, method, damping_kind, damping,
-       split_part(metric, '/', 2) AS metric, value, n_queries, ft_model, computed_at
+       max(value) FILTER (WHERE split_part(metric, '/', 2) = 'mrr') AS mrr,
+       max(value) FILTER (WHERE split_part(metric, '/', 2) = 'recall_any_at_10') AS recall_any_at_10,
+       max(value) FILTER (WHERE split_part(metric, '/', 2) = 'recall_frac_at_10') AS recall_frac_at_10,
+       max(value) FILTER (WHERE split_part(metric, '/', 2) = 'mean_candidates') AS mean_candidates,
+       max(n_queries) AS n_queries, ft_model
 FROM eval_summary
-WHERE split_part(metric, '/', 1) IN ('full', 'rerank');
+WHERE split_part(metric, '/', 1) IN ('full', 'rerank')
+GROUP BY ALL;

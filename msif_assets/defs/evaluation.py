@@ -16,7 +16,7 @@ import pyarrow as pa
 from ..lake import tables
 from ..lake.models import fingerprint_model_dir
 from ..pipeline import evaluation as ev
-from ..pipeline.models import load_pair, short_hash
+from ..pipeline.models import check_pair, load_pair, short_hash
 from .automation import refresh_on_change, table_version, text_version
 from .inputs import finetuned_model, pretrained_model
 from .queries import queries
@@ -62,7 +62,7 @@ def fact_tracing_eval(context: dg.AssetExecutionContext, lake: LakeResource, inp
             "mean_eligible_docs": sum(p["n_eligible"] for p in pools) / len(pools),
             "summary": dg.MetadataValue.md(ev.summary_markdown(result.summary)),
             "plot": dg.MetadataValue.md(ev.png_markdown(png)), "plot_path": dg.MetadataValue.path(str(png)),
-            "sql": "SELECT * FROM fact_tracing_summary ORDER BY protocol, metric, method, damping",
+            "sql": "SELECT * FROM fact_tracing ORDER BY protocol, method, damping_kind, damping",
         },
         data_version=_version(*result.rankings.values(), result.summary, result.pools),
     )
@@ -118,7 +118,7 @@ def influence_share(lake: LakeResource, inputs: InputsResource, compute: Compute
     their share of tracked parameters (paper: attention ≈ 25% of parameters, ≈ 14.5% of influence)."""
     layout, settings = lake.layout(), compute.settings()
     pt_hash, ft_hash = _hashes(inputs)
-    specs = ev.meta_model_specs(inputs.path("pretrained_model"), settings.scope, settings.trust_remote_code)
+    specs = check_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)  # no weights read
     counts = ev.tracked_parameter_counts(specs)
     now = ev.now_utc()
     rows = [{**r, "pt_model": pt_hash, "ft_model": ft_hash, "computed_at": now}

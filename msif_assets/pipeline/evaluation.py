@@ -8,7 +8,7 @@ fact_tracing_full, fact_tracing_rerank   schema tables.EVAL_RANKING, one row per
     recall_frac_at_10. ``full`` ranks every eligible document, ``rerank`` its rerank pool.
 eval_summary   schema tables.EVAL_SUMMARY: means over queries per method/damping; the metric
     name carries the protocol: ``<full|rerank>/<mrr|recall_any_at_10|recall_frac_at_10|
-    mean_candidates>`` (view ``fact_tracing_summary`` splits it into a column).
+    mean_candidates>`` (view ``fact_tracing``: one row per protocol, method and damping).
 fact_tracing_pools   FACT_TRACING_POOLS: per query, the rerank pool's composition.
 param_proximity      PARAM_PROXIMITY: ‖θ_ft − θ_pt‖₂ / ‖θ_pt‖₂ per weight scope.
 influence_share      INFLUENCE_SHARE: |influence| and parameter shares of MLP vs attention.
@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from ..engine import discover_modules, document_example, query_example
+from ..engine import document_example, query_example
 from ..engine.baselines import BM25Index
 from ..engine.fidelity import FidelityRow, fidelity_table
 from ..engine.metrics import (
@@ -371,16 +371,6 @@ def parameter_proximity(pt: nn.Module, ft: nn.Module, specs: Sequence[ModuleSpec
 def tracked_parameter_counts(specs: Sequence[ModuleSpec]) -> dict[str, int]:
     """Parameters (weights + biases) of the tracked modules per group: ``{"mlp": n, "attn": n}``."""
     return {g: sum(s.numel for s in specs if s.group == g) for g in ("mlp", "attn")}
-
-
-def meta_model_specs(model_dir: Path, scope: str, trust_remote_code: bool = False) -> list[ModuleSpec]:
-    """Tracked modules of a model directory, built on the meta device (no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return discover_modules(model, scope)
 
 
 def influence_shares(chunk_scores: pa.Table, param_counts: Mapping[str, int]) -> list[dict]:

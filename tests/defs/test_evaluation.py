@@ -155,7 +155,7 @@ def test_parameter_proximity_against_a_known_perturbation():
     assert rows["tracked"].n_params == sum(p.numel() for p in tracked)
 
 
-def test_influence_shares_from_group_scores(tmp_path):
+def test_influence_shares_from_group_scores():
     rows = [{"method": "ms-if", "damping_kind": "relative", "damping": 0.1, "score_mlp": m, "score_attn": a}
             for m, a in ((3.0, -1.0), (-1.0, 1.0))]
     rows += [{"method": "bm25", "damping_kind": None, "damping": None, "score_mlp": None, "score_attn": None}]
@@ -163,8 +163,7 @@ def test_influence_shares_from_group_scores(tmp_path):
     assert len(out) == 1 and out[0]["method"] == "ms-if" and out[0]["n_pairs"] == 2
     assert out[0]["influence_share_mlp"] == pytest.approx(4 / 6) and out[0]["param_share_attn"] == pytest.approx(0.25)
     pt = _tiny_neox()
-    pt.save_pretrained(tmp_path)
-    counts = ev.tracked_parameter_counts(ev.meta_model_specs(tmp_path, "all"))
+    counts = ev.tracked_parameter_counts(discover_modules(pt, "all"))
     by_group = {"mlp": 0, "attn": 0}
     for spec in discover_modules(pt, "all"):
         by_group[spec.group] += sum(p.numel() for p in dict(pt.named_modules())[spec.name].parameters())
@@ -208,11 +207,13 @@ def _metadata(world, key: str) -> dict:
 def test_fact_tracing_tables_views_and_plot(world):
     layout = LakeLayout(world["lake"])
     with Catalog.open(world["lake"]) as catalog:
-        summary = catalog.query("SELECT * FROM fact_tracing_summary").to_pylist()
+        summary = catalog.query("SELECT * FROM fact_tracing").to_pylist()
+        long = catalog.query("SELECT count(*) AS n FROM eval_summary").column("n")[0].as_py()
         docs = catalog.query("SELECT count(DISTINCT doc_id) AS n FROM documents").column("n")[0].as_py()
     methods = {(r["method"], r["damping"]) for r in summary}
     assert methods == {("ms-if", 0.1), ("ms-if", 1.0), ("ss-if", 0.1), ("ss-if", 1.0), ("gdp", None), ("repsim", None), ("bm25", None)}
     assert {r["protocol"] for r in summary} == {"full", "rerank"} and all(r["n_queries"] == 2 for r in summary)
+    assert len(summary) == 2 * len(methods) and long == len(summary) * len(ev.SUMMARY_METRICS)
     for protocol in ev.PROTOCOLS:
         ranking = ev.read_eval_table(layout, ev.RANKING_TABLES[protocol], tables.EVAL_RANKING).to_pylist()
         assert len(ranking) == 2 * len(methods)
@@ -262,5 +263,5 @@ def test_without_gold_labels_fact_tracing_is_skipped_and_cleared(world):
     runner.execute(world["defs"], world["instance"], {dg.AssetKey("queries"): {None}, dg.AssetKey("fact_tracing_eval"): {None}})
     assert _metadata(world, "fact_tracing_eval")["skipped"].value == "no query has gold_doc_ids"
     with Catalog.open(world["lake"]) as catalog:
-        assert catalog.query("SELECT count(*) AS n FROM fact_tracing_summary").column("n")[0].as_py() == 0
+        assert catalog.query("SELECT count(*) AS n FROM fact_tracing").column("n")[0].as_py() == 0
     assert not (LakeLayout(world["lake"]).eval_dir / "fact_tracing.png").exists()
