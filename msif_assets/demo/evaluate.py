@@ -1,0 +1,112 @@
+"""Measuring the demo models: greedy QA exact match and parameter distance between checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from msif_assets.demo.device import pick_device
+
+
+def _field(row: Any, name: str) -> str:
+    value = row[name] if isinstance(row, Mapping) else getattr(row, name, None)
+    if not isinstance(value, str):
+        raise ValueError(f"QA row {row!r}: field {name!r} must be a string")
+    return value
+
+
+@torch.no_grad()
+def greedy_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt, cut before the first ``<eos>``.
+
+    Prompts are left-padded; positions are counted from each prompt's first real token so a
+    padded prompt sees exactly the positions it would see alone.
+    """
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(encoded):
+            ids[row, width - len(e):] = torch.tensor(e)
+            mask[row, width - len(e):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        generated = torch.empty((len(encoded), 0), dtype=torch.long, device=device)
+        done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+            nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
+            if bool(done.all()):
+                break
+        for row in generated.tolist():
+            out.append(row[: row.index(eos)] if eos in row else row)
+    return out
+
+
+def qa_exact_match(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qa_rows: Iterable[Any], batch_size: int = 64
+) -> tuple[float, list[bool]]:
+    """(accuracy, per-row hit): a hit when the greedy continuation is exactly the completion's
+    tokens followed by ``<eos>``. Rows are mappings or objects with ``prompt`` and ``completion``."""
+    rows = list(qa_rows)
+    if not rows:
+        raise ValueError("qa_exact_match: no QA rows given")
+    prompts = [_field(r, "prompt") for r in rows]
+    targets = [tokenizer(_field(r, "completion"), add_special_tokens=False)["input_ids"] for r in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        preds = greedy_completions(model, tokenizer, prompts, max(len(t) for t in targets) + 1, batch_size)
+    finally:
+        model.train(was_training)
+    hits = [list(p) == list(t) for p, t in zip(preds, targets)]
+    return sum(hits) / len(hits), hits
+
+
+def evaluate_qa(model_dir: str | os.PathLike, qa_rows: Iterable[Any]) -> float:
+    """Greedy exact-match accuracy of the model saved in ``model_dir`` on ``qa_rows``."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).to(pick_device())
+    return qa_exact_match(model, tokenizer, qa_rows)[0]
+
+
+def _weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights; save the model with save_pretrained()")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def relative_param_distance(pt_dir: str | os.PathLike, ft_dir: str | os.PathLike) -> float:
+    """``‖θ_ft − θ_pt‖₂ / ‖θ_pt‖₂`` over every weight present, with equal shape, in both checkpoints."""
+    pt, ft = _weights(pt_dir), _weights(ft_dir)
+    shared = [k for k in pt if k in ft and pt[k].shape == ft[k].shape and pt[k].is_floating_point()]
+    if not shared:
+        raise ValueError(f"{pt_dir} and {ft_dir} share no weights of equal shape")
+    diff = sum(float((ft[k].double() - pt[k].double()).pow(2).sum()) for k in shared)
+    base = sum(float(pt[k].double().pow(2).sum()) for k in shared)
+    return math.sqrt(diff) / math.sqrt(base)
