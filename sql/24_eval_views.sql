@@ -13,3 +13,20 @@ SELECT split_part(metric, '/', 1) AS protocol, method, damping_kind, damping,
 FROM eval_summary
 WHERE split_part(metric, '/', 1) IN ('full', 'rerank')
 GROUP BY ALL;
+
+-- Per-query fact-tracing rows per protocol (tables.EVAL_RANKING), rerank pool composition,
+-- weight proximity and MLP/attention influence shares (written by the evaluation assets).
+CREATE OR REPLACE VIEW fact_tracing_full AS
+SELECT * FROM read_parquet('${LAKE}/eval/fact_tracing_full.parquet', union_by_name = true);
+
+CREATE OR REPLACE VIEW fact_tracing_rerank AS
+SELECT * FROM read_parquet('${LAKE}/eval/fact_tracing_rerank.parquet', union_by_name = true);
+
+CREATE OR REPLACE VIEW fact_tracing_pools AS
+SELECT * FROM read_parquet('${LAKE}/eval/fact_tracing_pools.parquet', union_by_name = true);
+
+CREATE OR REPLACE VIEW param_proximity AS
+SELECT * FROM read_parquet('${LAKE}/eval/param_proximity.parquet', union_by_name = true);
+
+CREATE OR REPLACE VIEW influence_share AS
+SELECT * FROM read_parquet('${LAKE}/eval/influence_share.parquet', union_by_name = true);

@@ -14,6 +14,7 @@ from .factors import ft_factors, pt_covariance, pt_eigenbasis, pt_factors, pt_la
 from .inputs import SOURCES
 from .queries import candidates, queries, query_gradients
 from .resources import ComputeResource, InputsResource, LakeResource
+from .evaluation import EVAL_ASSETS, ekfac_fidelity
 from .scores import influence_scores
 from .sensors import SCHEDULES, SENSORS, observe_inputs_job
 
@@ -37,6 +38,8 @@ SETTINGS_READ: dict[str, tuple[str, ...]] = {
     "query_gradients": ("methods", "dampings", "scope", "dtype"),
     "candidates": ("knn_k", "bm25_k", "all_chunks_below", "embedding_model_dir"),
     "influence_scores": ("methods", "dampings", "scope", "dtype"),
+    "param_proximity": ("scope", "dtype", "trust_remote_code"),
+    "influence_share": ("scope", "trust_remote_code"),
 }
 CODE_REVISION = "1"  # bump when an asset's computation changes meaning
 
@@ -67,7 +70,8 @@ def build_resources(config: MsifConfig) -> dict:
 
 def build_definitions(config: MsifConfig) -> dg.Definitions:
     resources = build_resources(config)
-    assets: list = [*SOURCES, *(_with_config_versions(a, resources["compute"]) for a in LINEAGE)]
+    versioned = [*LINEAGE, *(a for a in EVAL_ASSETS if a is not ekfac_fidelity)]  # fidelity versions its own config
+    assets: list = [*SOURCES, *(_with_config_versions(a, resources["compute"]) for a in versioned), ekfac_fidelity]
     checks = list(CHECKS)
     if config.is_demo:
         from .demo import DEMO_ASSETS, DEMO_CHECKS, demo_resource

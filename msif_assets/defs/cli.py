@@ -4,7 +4,6 @@ Runs are recorded in the Dagster instance at ``$DAGSTER_HOME`` (default: the rep
 ``dagster_home/``), so ``dagster dev`` shows them afterwards.
 """
 
-import argparse
 import logging
 import os
 import time

@@ -7,7 +7,6 @@ from ..lake import tables
 from ..lake.embeddings import load_sentence_encoder
 from ..lake.models import load_tokenizer
 from ..pipeline.corpus import chunk_shard, embed_shard, ingest_shard
-from ..pipeline.models import model_window
 from .automation import files_version, refresh_on_change, table_version
 from .inputs import pretrained_tokenizer
 from .resources import ComputeResource, InputsResource, LakeResource

@@ -16,6 +16,8 @@ import pyarrow as pa
 from ..lake import tables
 from ..lake.models import fingerprint_model_dir
 from ..pipeline import evaluation as ev
+from ..pipeline import fidelity_eval as fe
+from ..pipeline import model_analysis as ma
 from ..pipeline.models import check_pair, load_pair, short_hash
 from .automation import refresh_on_change, table_version, text_version
 from .inputs import finetuned_model, pretrained_model
@@ -68,7 +70,7 @@ def fact_tracing_eval(context: dg.AssetExecutionContext, lake: LakeResource, inp
     )
 
 
-def build_ekfac_fidelity(config: ev.FidelityConfig = ev.FidelityConfig()) -> dg.AssetsDefinition:
+def build_ekfac_fidelity(config: fe.FidelityConfig = fe.FidelityConfig()) -> dg.AssetsDefinition:
     """The fidelity asset for one :class:`FidelityConfig` (its hash is the code version, so a
     new config re-runs it under automation)."""
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:12]
@@ -78,14 +80,14 @@ def build_ekfac_fidelity(config: ev.FidelityConfig = ev.FidelityConfig()) -> dg.
     def ekfac_fidelity(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """Spearman/Pearson of EK-FAC (split/unsplit heads, MLP only) and GDP against exact
         damped-GGN influence on a tiny GPT-NeoX trained on a synthetic Markov chain (Table 1)."""
-        result = ev.run_fidelity(config)
-        table = ev.fidelity_rows(result)
+        result = fe.run_fidelity(config)
+        table = fe.fidelity_rows(result)
         tables.write_eval(lake.layout(), "eval_fidelity", table)
         rows = table.to_pylist()
         return dg.MaterializeResult(
             metadata={"model": result.config.model_label, "final_train_loss": result.final_loss, "pairs": result.n_pairs,
                       "train_seconds": result.train_seconds,
-                      "table": dg.MetadataValue.md(ev.markdown_table(rows, ["method", "damping", "spearman", "pearson", "seconds"]))},
+                      "table": dg.MetadataValue.md(ma.markdown_table(rows, ["method", "damping", "spearman", "pearson", "seconds"]))},
             data_version=_version(table),
         )
 
@@ -102,12 +104,12 @@ def param_proximity(lake: LakeResource, inputs: InputsResource, compute: Compute
     parameters the two models share (paper: at most a few percent)."""
     pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), compute.settings())
     rows = [{**asdict(r), "pt_model": pair.pt_hash, "ft_model": pair.ft_hash, "computed_at": ev.now_utc()}
-            for r in ev.parameter_proximity(pair.pt.model, pair.ft.model, pair.specs)]
-    table = pa.Table.from_pylist(rows, schema=ev.PARAM_PROXIMITY.schema)
-    ev.write_eval_table(lake.layout(), "param_proximity", ev.PARAM_PROXIMITY, table)
+            for r in ma.parameter_proximity(pair.pt.model, pair.ft.model, pair.specs)]
+    table = pa.Table.from_pylist(rows, schema=tables.PARAM_PROXIMITY.schema)
+    tables.write_eval(lake.layout(), "param_proximity", table)
     cols = ["scope", "n_tensors", "n_params", "relative_distance"]
     return dg.MaterializeResult(
-        metadata={"tracked": rows[0]["relative_distance"], "table": dg.MetadataValue.md(ev.markdown_table(rows, cols))},
+        metadata={"tracked": rows[0]["relative_distance"], "table": dg.MetadataValue.md(ma.markdown_table(rows, cols))},
         data_version=_version(table),
     )
 
@@ -119,17 +121,17 @@ def influence_share(lake: LakeResource, inputs: InputsResource, compute: Compute
     layout, settings = lake.layout(), compute.settings()
     pt_hash, ft_hash = _hashes(inputs)
     specs = check_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)  # no weights read
-    counts = ev.tracked_parameter_counts(specs)
+    counts = ma.tracked_parameter_counts(specs)
     now = ev.now_utc()
     rows = [{**r, "pt_model": pt_hash, "ft_model": ft_hash, "computed_at": now}
-            for r in ev.influence_shares(ev.load_chunk_scores(layout, pt_hash, ft_hash), counts)]
-    table = pa.Table.from_pylist(rows, schema=ev.INFLUENCE_SHARE.schema)
-    ev.write_eval_table(layout, "influence_share", ev.INFLUENCE_SHARE, table)
+            for r in ma.influence_shares(ev.load_chunk_scores(layout, pt_hash, ft_hash), counts)]
+    table = pa.Table.from_pylist(rows, schema=tables.INFLUENCE_SHARE.schema)
+    tables.write_eval(layout, "influence_share", table)
     cols = ["method", "damping", "influence_share_mlp", "influence_share_attn", "param_share_mlp", "param_share_attn"]
     shown = [{**r, "damping": ev.damping_label(r["damping_kind"], r["damping"])} for r in rows]
     return dg.MaterializeResult(
         metadata={"param_count_mlp": counts["mlp"], "param_count_attn": counts["attn"],
-                  "table": dg.MetadataValue.md(ev.markdown_table(shown, cols))},
+                  "table": dg.MetadataValue.md(ma.markdown_table(shown, cols))},
         data_version=_version(table),
     )
 

@@ -129,7 +129,32 @@ EVAL_FIDELITY = TableSpec("eval_fidelity", pa.schema([
     _f("n_pairs", pa.int64()), _f("seconds", pa.float64(), True), _f("model", _S),
     _f("computed_at", _UTC_US),
 ]), key=("method", "reference", "damping", "model"))
-EVAL_TABLES: dict[str, TableSpec] = {s.name: s for s in (EVAL_RANKING, EVAL_SUMMARY, EVAL_FIDELITY)}
+FACT_TRACING_POOLS = TableSpec("fact_tracing_pools", pa.schema([
+    _f("query_id", _S, False), _f("n_gold", pa.int32(), False), _f("n_gold_in_pool", pa.int32(), False),
+    _f("n_bm25", pa.int32(), False), _f("n_same_answer", pa.int32(), False), _f("n_random", pa.int32(), False),
+    _f("n_pool", pa.int32(), False), _f("n_eligible", pa.int32(), False), _f("seed", pa.int64(), False),
+    _f("ft_model", _S, False), _f("computed_at", _UTC_US, False),
+]), key=("query_id", "ft_model"))
+PARAM_PROXIMITY = TableSpec("param_proximity", pa.schema([
+    _f("scope", _S, False), _f("n_tensors", pa.int32(), False), _f("n_params", pa.int64(), False),
+    _f("relative_distance", pa.float64(), False), _f("pt_model", _S, False), _f("ft_model", _S, False),
+    _f("computed_at", _UTC_US, False),
+]), key=("scope", "pt_model", "ft_model"))
+INFLUENCE_SHARE = TableSpec("influence_share", pa.schema([
+    _f("method", _S, False), _f("damping_kind", _S, True), _f("damping", pa.float64(), True),
+    _f("n_pairs", pa.int64(), False), _f("abs_influence_mlp", pa.float64(), False),
+    _f("abs_influence_attn", pa.float64(), False), _f("influence_share_mlp", pa.float64(), False),
+    _f("influence_share_attn", pa.float64(), False), _f("param_count_mlp", pa.int64(), False),
+    _f("param_count_attn", pa.int64(), False), _f("param_share_mlp", pa.float64(), False),
+    _f("param_share_attn", pa.float64(), False), _f("pt_model", _S, False), _f("ft_model", _S, False),
+    _f("computed_at", _UTC_US, False),
+]), key=("method", "damping_kind", "damping", "pt_model", "ft_model"))
+EVAL_TABLES: dict[str, TableSpec] = {
+    **{s.name: s for s in (EVAL_RANKING, EVAL_SUMMARY, EVAL_FIDELITY, FACT_TRACING_POOLS, PARAM_PROXIMITY, INFLUENCE_SHARE)},
+    # per-query fact-tracing rows, one table per protocol, both of EVAL_RANKING's schema
+    "fact_tracing_full": EVAL_RANKING,
+    "fact_tracing_rerank": EVAL_RANKING,
+}
 
 
 def conform(table: pa.Table, spec: TableSpec, *, fill_missing_nullable: bool = False) -> pa.Table:

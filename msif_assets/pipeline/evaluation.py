@@ -9,11 +9,8 @@ fact_tracing_full, fact_tracing_rerank   schema tables.EVAL_RANKING, one row per
 eval_summary   schema tables.EVAL_SUMMARY: means over queries per method/damping; the metric
     name carries the protocol: ``<full|rerank>/<mrr|recall_any_at_10|recall_frac_at_10|
     mean_candidates>`` (view ``fact_tracing``: one row per protocol, method and damping).
-fact_tracing_pools   FACT_TRACING_POOLS: per query, the rerank pool's composition.
-param_proximity      PARAM_PROXIMITY: ‖θ_ft − θ_pt‖₂ / ‖θ_pt‖₂ per weight scope.
-influence_share      INFLUENCE_SHARE: |influence| and parameter shares of MLP vs attention.
-eval_fidelity        tables.EVAL_FIDELITY: EK-FAC vs exact damped-GGN influence on a small
-    GPT-NeoX trained on a synthetic Markov chain (see :class:`FidelityConfig`).
+fact_tracing_pools   tables.FACT_TRACING_POOLS: per query, the rerank pool's composition.
+(Proximity and MLP/attention shares: ``model_analysis.py``; fidelity: ``fidelity_eval.py``.)
 
 Definitions used for fact tracing:
 
@@ -37,23 +34,14 @@ import base64
 import datetime as dt
 import random
 import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from torch import nn
 
-from ..engine import document_example, query_example
 from ..engine.baselines import BM25Index
-from ..engine.fidelity import FidelityRow, fidelity_table
-from ..engine.metrics import (
-    influence_share, rank_by_score, recall_at_k_any, recall_at_k_fraction, reciprocal_rank, relative_distance,
-)
-from ..engine.modules import ModuleSpec, weight_matrix
+from ..engine.metrics import rank_by_score, recall_at_k_any, recall_at_k_fraction, reciprocal_rank
 from ..lake import tables
 from ..lake.atomic import atomic_write
 from ..lake.layout import LakeLayout
@@ -66,42 +54,8 @@ SUMMARY_METRICS = {"mrr": "reciprocal_rank", "recall_any_at_10": "recall_any_at_
 K = 10
 MethodKey = tuple[str, "str | None", "float | None"]  # (method, damping_kind, damping)
 
-_S, _TS = pa.string(), pa.timestamp("us", tz="UTC")
-_f = pa.field
-FACT_TRACING_POOLS = tables.TableSpec("fact_tracing_pools", pa.schema([
-    _f("query_id", _S, False), _f("n_gold", pa.int32(), False), _f("n_gold_in_pool", pa.int32(), False),
-    _f("n_bm25", pa.int32(), False), _f("n_same_answer", pa.int32(), False), _f("n_random", pa.int32(), False),
-    _f("n_pool", pa.int32(), False), _f("n_eligible", pa.int32(), False), _f("seed", pa.int64(), False),
-    _f("ft_model", _S, False), _f("computed_at", _TS, False),
-]), key=("query_id", "ft_model"))
-PARAM_PROXIMITY = tables.TableSpec("param_proximity", pa.schema([
-    _f("scope", _S, False), _f("n_tensors", pa.int32(), False), _f("n_params", pa.int64(), False),
-    _f("relative_distance", pa.float64(), False), _f("pt_model", _S, False), _f("ft_model", _S, False),
-    _f("computed_at", _TS, False),
-]), key=("scope", "pt_model", "ft_model"))
-INFLUENCE_SHARE = tables.TableSpec("influence_share", pa.schema([
-    _f("method", _S, False), _f("damping_kind", _S, True), _f("damping", pa.float64(), True),
-    _f("n_pairs", pa.int64(), False), _f("abs_influence_mlp", pa.float64(), False),
-    _f("abs_influence_attn", pa.float64(), False), _f("influence_share_mlp", pa.float64(), False),
-    _f("influence_share_attn", pa.float64(), False), _f("param_count_mlp", pa.int64(), False),
-    _f("param_count_attn", pa.int64(), False), _f("param_share_mlp", pa.float64(), False),
-    _f("param_share_attn", pa.float64(), False), _f("pt_model", _S, False), _f("ft_model", _S, False),
-    _f("computed_at", _TS, False),
-]), key=("method", "damping_kind", "damping", "pt_model", "ft_model"))
-
-
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def write_eval_table(layout: LakeLayout, name: str, spec: tables.TableSpec, table: pa.Table) -> Path:
-    """Atomically replace ``eval/<name>.parquet`` with ``table`` conformed to ``spec``."""
-    table = tables.conform(table, spec)
-    return atomic_write(layout.eval_file(name), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def read_eval_table(layout: LakeLayout, name: str, spec: tables.TableSpec) -> pa.Table:
-    return tables.conform(pq.read_table(layout.eval_file(name)), spec, fill_missing_nullable=True)
 
 
 # ------------------------------------------------------------------ fact tracing
@@ -215,13 +169,13 @@ class FactTracing:
     @classmethod
     def empty(cls) -> "FactTracing":
         return cls({p: tables.EVAL_RANKING.schema.empty_table() for p in PROTOCOLS},
-                   tables.EVAL_SUMMARY.schema.empty_table(), FACT_TRACING_POOLS.schema.empty_table())
+                   tables.EVAL_SUMMARY.schema.empty_table(), tables.FACT_TRACING_POOLS.schema.empty_table())
 
 
 def write_fact_tracing(layout: LakeLayout, result: FactTracing) -> list[Path]:
     """Replace the per-protocol rankings, the pools and ``eval_summary``."""
-    paths = [write_eval_table(layout, RANKING_TABLES[p], tables.EVAL_RANKING, t) for p, t in result.rankings.items()]
-    paths.append(write_eval_table(layout, FACT_TRACING_POOLS.name, FACT_TRACING_POOLS, result.pools))
+    paths = [tables.write_eval(layout, RANKING_TABLES[p], t) for p, t in result.rankings.items()]
+    paths.append(tables.write_eval(layout, tables.FACT_TRACING_POOLS.name, result.pools))
     return paths + [tables.write_eval(layout, "eval_summary", result.summary)]
 
 
@@ -249,7 +203,7 @@ def fact_tracing(doc_scores: pa.Table, queries: pa.Table, doc_texts: Mapping[str
             for protocol, members in (("full", eligible), ("rerank", pool.members)):
                 rows[protocol].append({**base, **rank_metrics(scores, members, q["gold"])})
     rankings = {p: pa.Table.from_pylist(rows[p], schema=tables.EVAL_RANKING.schema) for p in PROTOCOLS}
-    pool_table = pa.Table.from_pylist(pools, schema=FACT_TRACING_POOLS.schema)
+    pool_table = pa.Table.from_pylist(pools, schema=tables.FACT_TRACING_POOLS.schema)
     return FactTracing(rankings, summarize(rankings, ft_model, now), pool_table)
 
 
@@ -339,152 +293,3 @@ def load_chunk_scores(layout: LakeLayout, pt_model: str, ft_model: str) -> pa.Ta
             "FROM influence WHERE ft_model = $ft AND pt_model = $pt", {"ft": ft_model, "pt": pt_model})
 
 
-# --------------------------------------------------------- proximity and shares
-
-
-@dataclass(frozen=True)
-class ProximityRow:
-    scope: str  # "tracked", "tracked-mlp", "tracked-attn", "all-shared"
-    n_tensors: int
-    n_params: int
-    relative_distance: float  # ‖θ_ft − θ_pt‖₂ / ‖θ_pt‖₂
-
-
-def parameter_proximity(pt: nn.Module, ft: nn.Module, specs: Sequence[ModuleSpec]) -> list[ProximityRow]:
-    """Relative distance over the tracked ``[W | b]`` (all, per group) and all shared parameters
-    (same name and shape, e.g. everything but a replaced head)."""
-    pt_mods, ft_mods = dict(pt.named_modules()), dict(ft.named_modules())
-    rows = []
-    for scope, group in (("tracked", None), ("tracked-mlp", "mlp"), ("tracked-attn", "attn")):
-        chosen = [s for s in specs if group in (None, s.group)]
-        if chosen:
-            a = {s.name: weight_matrix(pt_mods[s.name], s) for s in chosen}
-            b = {s.name: weight_matrix(ft_mods[s.name], s) for s in chosen}
-            rows.append(ProximityRow(scope, len(chosen), sum(s.numel for s in chosen), relative_distance(a, b)))
-    pt_params, ft_params = dict(pt.named_parameters()), dict(ft.named_parameters())
-    shared = {k: v for k, v in pt_params.items() if k in ft_params and ft_params[k].shape == v.shape}
-    rows.append(ProximityRow("all-shared", len(shared), sum(v.numel() for v in shared.values()),
-                             relative_distance(shared, {k: ft_params[k] for k in shared})))
-    return rows
-
-
-def tracked_parameter_counts(specs: Sequence[ModuleSpec]) -> dict[str, int]:
-    """Parameters (weights + biases) of the tracked modules per group: ``{"mlp": n, "attn": n}``."""
-    return {g: sum(s.numel for s in specs if s.group == g) for g in ("mlp", "attn")}
-
-
-def influence_shares(chunk_scores: pa.Table, param_counts: Mapping[str, int]) -> list[dict]:
-    """Per method and damping, the share of Σ|score_mlp| vs Σ|score_attn| over all scored
-    (query, chunk) pairs (group totals per pair: modules within a group may cancel), next to
-    the parameter share of the tracked MLP vs attention modules."""
-    groups: dict[MethodKey, tuple[list, list]] = {}
-    cols = [chunk_scores.column(c).to_pylist() for c in ("method", "damping_kind", "damping", "score_mlp", "score_attn")]
-    for method, kind, damping, mlp, attn in zip(*cols):
-        if mlp is not None and attn is not None:
-            pair = groups.setdefault((method, kind, damping), ([], []))
-            pair[0].append(mlp)
-            pair[1].append(attn)
-    out = []
-    for (method, kind, damping), (mlp, attn) in sorted(groups.items(), key=lambda kv: _key_order(kv[0])):
-        if not any(mlp) and not any(attn):
-            continue
-        share = influence_share(mlp, attn, param_counts["mlp"], param_counts["attn"])
-        out.append({"method": method, "damping_kind": kind, "damping": damping, "n_pairs": len(mlp), **share,
-                    "param_count_mlp": param_counts["mlp"], "param_count_attn": param_counts["attn"]})
-    return out
-
-
-def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("—" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows])
-
-
-# -------------------------------------------------------------------- fidelity
-
-
-@dataclass(frozen=True)
-class FidelityConfig:
-    """A tiny GPT-NeoX trained on a seeded Markov chain (each token has two successors), then
-    EK-FAC fidelity against exact damped-GGN influence over its own training sequences."""
-
-    vocab: int = 16
-    hidden: int = 8
-    layers: int = 2
-    heads: int = 2
-    intermediate: int = 32
-    n_train: int = 48
-    seq_len: int = 10
-    n_queries: int = 6
-    prompt_len: int = 6
-    train_steps: int = 300
-    lr: float = 1e-2
-    dampings: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
-    fisher_repeats: int = 2
-    seed: int = 0
-
-    @property
-    def model_label(self) -> str:
-        sizes = {k: v for k, v in asdict(self).items() if k not in ("dampings", "fisher_repeats")}
-        return "markov-gpt-neox-" + "-".join(f"{k}{v}" for k, v in sizes.items())
-
-
-def markov_sequences(n: int, length: int, vocab: int, chain_seed: int, draw_seed: int) -> list[list[int]]:
-    """``n`` walks of ``length`` tokens on the chain of ``chain_seed`` (2 successors per token)."""
-    successors = torch.randint(0, vocab, (vocab, 2), generator=torch.Generator().manual_seed(chain_seed))
-    gen = torch.Generator().manual_seed(draw_seed)
-    walks = []
-    for _ in range(n):
-        walk = [int(torch.randint(0, vocab, (1,), generator=gen))]
-        for _ in range(length - 1):
-            walk.append(int(successors[walk[-1], int(torch.randint(0, 2, (1,), generator=gen))]))
-        walks.append(walk)
-    return walks
-
-
-@dataclass
-class FidelityResult:
-    rows: list[FidelityRow]
-    final_loss: float  # training loss (token mean); uniform guessing is ln(vocab)
-    n_pairs: int
-    train_seconds: float
-    config: FidelityConfig
-
-
-def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
-    """Train the model (float32, Adam, full batch), then :func:`fidelity_table` in float64."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    started = time.perf_counter()
-    train = markov_sequences(config.n_train, config.seq_len, config.vocab, config.seed, config.seed + 1)
-    ids = torch.tensor(train)
-    with torch.random.fork_rng():  # seeded init without touching the caller's RNG state
-        torch.manual_seed(config.seed)
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(
-            vocab_size=config.vocab, hidden_size=config.hidden, num_hidden_layers=config.layers,
-            num_attention_heads=config.heads, intermediate_size=config.intermediate,
-            max_position_embeddings=config.seq_len, attn_implementation="sdpa"))
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    for _ in range(config.train_steps):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    with torch.no_grad():
-        loss = float(model(input_ids=ids, labels=ids).loss)
-    train_seconds = time.perf_counter() - started
-    model = model.double().eval()
-    p = config.prompt_len
-    held_out = markov_sequences(config.n_queries, config.seq_len, config.vocab, config.seed, config.seed + 2)
-    queries = [query_example(s[:p], s[p:]) for s in held_out]
-    docs = [document_example(s) for s in train]
-    rows = fidelity_table(model, docs, queries, docs, config.dampings, config.fisher_repeats, config.seed)
-    return FidelityResult(rows, loss, len(queries) * len(docs), train_seconds, config)
-
-
-def fidelity_rows(result: FidelityResult, computed_at: dt.datetime | None = None) -> pa.Table:
-    """EVAL_FIDELITY rows: one per (method, damping); reference = exact damped GGN."""
-    now = computed_at or now_utc()
-    rows = [{"method": r.method, "reference": "exact-ggn", "damping": r.damping, "spearman": r.spearman,
-             "pearson": r.pearson, "n_pairs": result.n_pairs, "seconds": r.seconds,
-             "model": result.config.model_label, "computed_at": now} for r in result.rows]
-    return pa.Table.from_pylist(rows, schema=tables.EVAL_FIDELITY.schema)

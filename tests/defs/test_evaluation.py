@@ -22,6 +22,8 @@ from msif_assets.lake import tables
 from msif_assets.lake.catalog import Catalog
 from msif_assets.lake.layout import LakeLayout
 from msif_assets.pipeline import evaluation as ev
+from msif_assets.pipeline import fidelity_eval as fe
+from msif_assets.pipeline import model_analysis as ma
 
 from .byo_world import byo_definitions, make_world, write_jsonl
 
@@ -145,7 +147,7 @@ def test_parameter_proximity_against_a_known_perturbation():
     with torch.no_grad():
         dict(ft.named_parameters())[name].add_(delta)
     specs = discover_modules(pt, "all")
-    rows = {r.scope: r for r in ev.parameter_proximity(pt, ft, specs)}
+    rows = {r.scope: r for r in ma.parameter_proximity(pt, ft, specs)}
     params = dict(pt.named_parameters())
     tracked = [p for n, p in params.items() if n.rsplit(".", 1)[0] in {s.name for s in specs}]
     assert rows["tracked-attn"].relative_distance == 0.0
@@ -159,11 +161,11 @@ def test_influence_shares_from_group_scores():
     rows = [{"method": "ms-if", "damping_kind": "relative", "damping": 0.1, "score_mlp": m, "score_attn": a}
             for m, a in ((3.0, -1.0), (-1.0, 1.0))]
     rows += [{"method": "bm25", "damping_kind": None, "damping": None, "score_mlp": None, "score_attn": None}]
-    out = ev.influence_shares(pa.Table.from_pylist(rows), {"mlp": 30, "attn": 10})
+    out = ma.influence_shares(pa.Table.from_pylist(rows), {"mlp": 30, "attn": 10})
     assert len(out) == 1 and out[0]["method"] == "ms-if" and out[0]["n_pairs"] == 2
     assert out[0]["influence_share_mlp"] == pytest.approx(4 / 6) and out[0]["param_share_attn"] == pytest.approx(0.25)
     pt = _tiny_neox()
-    counts = ev.tracked_parameter_counts(discover_modules(pt, "all"))
+    counts = ma.tracked_parameter_counts(discover_modules(pt, "all"))
     by_group = {"mlp": 0, "attn": 0}
     for spec in discover_modules(pt, "all"):
         by_group[spec.group] += sum(p.numel() for p in dict(pt.named_modules())[spec.name].parameters())
@@ -173,7 +175,7 @@ def test_influence_shares_from_group_scores():
 # ---------------------------------------------------------------- materialization
 
 GOLD_LABELS = {"q-eve": ["s0-d4"], "q-fay": ["s0-d5", "s1-d5"]}
-SMALL_FIDELITY = ev.FidelityConfig(n_train=8, train_steps=20, n_queries=2, dampings=(1e-3, 1e-1), fisher_repeats=1)
+SMALL_FIDELITY = fe.FidelityConfig(n_train=8, train_steps=20, n_queries=2, dampings=(1e-3, 1e-1), fisher_repeats=1)
 
 
 def _with_eval_assets(defs: dg.Definitions) -> dg.Definitions:
@@ -215,12 +217,12 @@ def test_fact_tracing_tables_views_and_plot(world):
     assert {r["protocol"] for r in summary} == {"full", "rerank"} and all(r["n_queries"] == 2 for r in summary)
     assert len(summary) == 2 * len(methods) and long == len(summary) * len(ev.SUMMARY_METRICS)
     for protocol in ev.PROTOCOLS:
-        ranking = ev.read_eval_table(layout, ev.RANKING_TABLES[protocol], tables.EVAL_RANKING).to_pylist()
+        ranking = tables.read_eval(layout, ev.RANKING_TABLES[protocol]).to_pylist()
         assert len(ranking) == 2 * len(methods)
         assert all(0 <= r["reciprocal_rank"] <= 1 and r["n_candidates"] <= docs for r in ranking)
     # the world is tiny (18 documents), so every document is in the rerank pool, and both
     # protocols agree — a real check that pools only hold scored documents
-    pools = ev.read_eval_table(layout, "fact_tracing_pools", ev.FACT_TRACING_POOLS).to_pylist()
+    pools = tables.read_eval(layout, "fact_tracing_pools").to_pylist()
     assert all(p["n_pool"] == p["n_eligible"] == docs for p in pools)
     meta = _metadata(world, "fact_tracing_eval")
     png = Path(meta["plot_path"].value)
@@ -237,13 +239,13 @@ def test_fidelity_proximity_and_share_tables(world):
     assert all(r["n_pairs"] == 8 * 2 and -1 <= r["spearman"] <= 1 for r in fidelity)
     assert all(r["spearman"] == pytest.approx(1.0) for r in fidelity if r["method"] == "exact")
     layout = LakeLayout(world["lake"])
-    proximity = {r["scope"]: r for r in ev.read_eval_table(layout, "param_proximity", ev.PARAM_PROXIMITY).to_pylist()}
+    proximity = {r["scope"]: r for r in tables.read_eval(layout, "param_proximity").to_pylist()}
     pt = load_file(Path(world["inputs"]["pretrained_model"]) / "model.safetensors")
     ft = load_file(Path(world["inputs"]["finetuned_model"]) / "model.safetensors")
     diff = math.sqrt(sum(float(((ft[k].double() - pt[k].double()) ** 2).sum()) for k in pt))
     pt_norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in pt.values()))
     assert proximity["all-shared"]["relative_distance"] == pytest.approx(diff / pt_norm, rel=1e-5)
-    shares = ev.read_eval_table(layout, "influence_share", ev.INFLUENCE_SHARE).to_pylist()
+    shares = tables.read_eval(layout, "influence_share").to_pylist()
     assert {r["method"] for r in shares} == {"ms-if", "ss-if", "gdp"}
     assert all(r["influence_share_mlp"] + r["influence_share_attn"] == pytest.approx(1.0) for r in shares)
     assert "| method |" in _metadata(world, "ekfac_fidelity")["table"].value

@@ -14,6 +14,9 @@ from .byo_world import byo_definitions, make_world, perturb, shard_docs, write_j
 
 SHARD_ASSETS = ("corpus_shards", "doc_chunks", "doc_embeddings", "pt_covariance", "pt_lambda", "candidates", "influence_scores")
 FACTOR_SET = ["shard-0", "shard-1"]
+# summaries downstream of the scores (and, for proximity, of the two models)
+SCORE_EVALS = {("fact_tracing_eval", None), ("influence_share", None)}
+MODEL_EVALS = {("param_proximity", None)}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def test_new_shard_recomputes_only_that_shard(lake):
     # shard-2 is outside the factor set: its factor steps only write a constant marker. The
     # marker's first appearance makes the two merge steps re-merge the unchanged factor set;
     # they produce identical content (same data version), so nothing downstream runs.
-    assert ran == {(a, "shard-2") for a in SHARD_ASSETS} | {("pt_eigenbasis", None), ("pt_factors", None)}
+    assert ran == {(a, "shard-2") for a in SHARD_ASSETS} | {("pt_eigenbasis", None), ("pt_factors", None)} | SCORE_EVALS
     assert {k: _data_version(lake, k) for k in before} == before
 
 
@@ -76,7 +79,7 @@ def test_new_queries_recompute_queries_gradients_candidates_scores(lake):
     ]
     write_jsonl(path, rows)
     ran = _refresh(lake)
-    assert ran == {("queries", None), ("query_gradients", None)} | _all_shards(lake, "candidates", "influence_scores")
+    assert ran == {("queries", None), ("query_gradients", None)} | _all_shards(lake, "candidates", "influence_scores") | SCORE_EVALS
 
 
 def test_finetuned_model_change_never_touches_embeddings_or_pt_factors(lake):
@@ -84,7 +87,7 @@ def test_finetuned_model_change_never_touches_embeddings_or_pt_factors(lake):
     ran = _refresh(lake)
     # `queries` re-reads the file (a generated completion would change); its output is
     # identical here, so candidates are not recomputed.
-    assert ran == {("ft_factors", None), ("queries", None), ("query_gradients", None)} | _all_shards(lake, "influence_scores")
+    assert ran == {("ft_factors", None), ("queries", None), ("query_gradients", None)} | _all_shards(lake, "influence_scores") | SCORE_EVALS | MODEL_EVALS
 
 
 def test_pretrained_model_change_keeps_chunks_and_embeddings(lake):
@@ -96,13 +99,13 @@ def test_pretrained_model_change_keeps_chunks_and_embeddings(lake):
     ran = _refresh(lake)
     # every shard's factor steps run; shard-2 (outside the factor set) only re-writes its marker
     factor_steps = _all_shards(lake, "pt_covariance", "pt_lambda")
-    assert ran == factor_steps | {("pt_eigenbasis", None), ("pt_factors", None), ("query_gradients", None)} | _all_shards(lake, "influence_scores")
+    assert ran == factor_steps | {("pt_eigenbasis", None), ("pt_factors", None), ("query_gradients", None)} | _all_shards(lake, "influence_scores") | SCORE_EVALS | MODEL_EVALS
 
 
 def test_damping_change_recomputes_gradients_and_scores_only(lake):
     defs = byo_definitions(lake["root"], lake["inputs"], factor_shards=FACTOR_SET, dampings=["rel:0.1", "abs:0.01"])
     ran = _refresh(lake, defs)
-    assert ran == {("query_gradients", None)} | _all_shards(lake, "influence_scores")
+    assert ran == {("query_gradients", None)} | _all_shards(lake, "influence_scores") | SCORE_EVALS
     lake["defs"] = defs
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from msif_assets.engine import (
-    FactorArgs, assemble_factors, discover_modules, document_example, eigendecompose, factor_metadata,
-    fit_covariance, fit_factors, fit_lambdas,
+    FactorArgs, discover_modules, document_example, eigendecompose, fit_covariance, fit_factors, fit_lambdas,
 )
 
 from .reference import ARCHS, brute_covariances, brute_gradients, build_tiny, random_sequences

@@ -10,7 +10,7 @@ from msif_assets.engine import (
 )
 from msif_assets.engine.modules import weight_matrix
 
-from .reference import ARCHS, build_tiny, brute_gradients, tiny_config
+from .reference import ARCHS, build_tiny, tiny_config
 
 EXPECTED = {  # block-relative names, (d_out, d_in incl. bias column)
     "gpt_neox": {"attention.query_key_value": (24, 9), "attention.dense": (8, 9), "mlp.dense_h_to_4h": (16, 9), "mlp.dense_4h_to_h": (8, 17)},
