@@ -25,12 +25,15 @@ class CovarianceCollector:
         self.a_sums: dict[str, torch.Tensor] = {}
         self.s_sums: dict[str, torch.Tensor] = {}
         self.token_count = 0
+        self._real: torch.Tensor | None = None
 
     def begin_batch(self, batch: LMBatch) -> None:
-        self.token_count += int(batch.attention_mask.sum())
+        self._real = batch.attention_mask.bool()
+        self.token_count += int(self._real.sum())
 
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
-        a2, s2 = a.reshape(-1, a.shape[-1]), s.reshape(-1, s.shape[-1])
+        real = self._real.to(a.device)
+        a2, s2 = a[real], s[real]  # (tokens, n), (tokens, m): pads dropped
         for sums, x in ((self.a_sums, a2), (self.s_sums, s2)):
             gram = (x.T @ x).double()
             if spec.name in sums:

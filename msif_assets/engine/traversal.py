@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class Collector(Protocol):
-    """What a traversal accumulates. ``a``: (B, T, d_in) with pads zeroed and the bias 1
-    appended; ``s``: (B, T, d_out), gradient of the summed objective w.r.t. the module output."""
+    """What a traversal accumulates. ``a``: (B, T, d_in) with the bias 1 appended; ``s``:
+    (B, T, d_out), gradient of the summed objective w.r.t. the module output.
+
+    Batches are right-padded and the models causal, so ``s`` is exactly 0 at pad positions:
+    products with ``s`` need no mask. Only statistics of ``a`` alone (the A covariance) must
+    drop pads themselves, using ``batch.attention_mask`` from ``begin_batch``."""
 
     def begin_batch(self, batch: LMBatch) -> None: ...
 
@@ -48,17 +52,15 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _module_hooks(model: nn.Module, specs: list[ModuleSpec], collector: Collector, state: dict) -> Iterator[None]:
+def _module_hooks(model: nn.Module, specs: list[ModuleSpec], collector: Collector) -> Iterator[None]:
     modules = dict(model.named_modules())
     handles = []
 
     def make_hook(spec: ModuleSpec):
         def forward_hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             a = inputs[0].detach()
-            mask = state["mask"].to(a.dtype)[..., None]
             if spec.has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            a = a * mask
             output.register_hook(lambda s: collector.collect(spec, a, s.detach()))
 
         return forward_hook
@@ -93,15 +95,13 @@ def traverse(
     """
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
-    state: dict = {}
     was_training = model.training
     model.eval()
     started, last_log = time.perf_counter(), time.perf_counter()
     try:
-        with _frozen_parameters(model), _module_hooks(model, specs, collector, state):
+        with _frozen_parameters(model), _module_hooks(model, specs, collector):
             for done, batch in enumerate(batches, start=1):
                 batch = batch.to(device)
-                state["mask"] = batch.attention_mask
                 collector.begin_batch(batch)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 objective = log_likelihood(logits, batch, labels, generator)
