@@ -40,6 +40,7 @@ class ComputeResource(dg.ConfigurableResource):
     batch_size: int = 8
     max_chunk_tokens: int = 0
     labels: str = "sampled"
+    stats_dtype: str = "auto"
     seed: int = 0
     split_heads: bool = True
     scope: str = "all"

@@ -12,6 +12,10 @@ from .batching import LMBatch
 from .modules import ModuleSpec
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
 def _per_sequence_gradient(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``DW_b = Σ_t s_bt a_btᵀ`` → (B, m, n)."""
     return torch.bmm(s.transpose(1, 2), a)
@@ -19,9 +23,11 @@ def _per_sequence_gradient(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 class CovarianceCollector:
     """Raw sums ``Σ_t a aᵀ`` (n, n) and ``Σ_t s sᵀ`` (m, m) in float64, plus the token count
-    (non-pad positions). Sums, not means, so data partitions merge exactly."""
+    (non-pad positions). Sums, not means, so data partitions merge exactly. With
+    ``product_dtype`` (e.g. bfloat16) each batch's products run in that precision."""
 
-    def __init__(self, specs: list[ModuleSpec]):
+    def __init__(self, specs: list[ModuleSpec], product_dtype: torch.dtype | None = None):
+        self.product_dtype = product_dtype
         self.a_sums: dict[str, torch.Tensor] = {}
         self.s_sums: dict[str, torch.Tensor] = {}
         self.token_count = 0
@@ -33,7 +39,7 @@ class CovarianceCollector:
 
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
         real = self._real.to(a.device)
-        a2, s2 = a[real], s[real]  # (tokens, n), (tokens, m): pads dropped
+        a2, s2 = _cast(a[real], self.product_dtype), _cast(s[real], self.product_dtype)  # pads dropped
         for sums, x in ((self.a_sums, a2), (self.s_sums, s2)):
             gram = (x.T @ x).double()
             if spec.name in sums:
@@ -49,8 +55,9 @@ class LambdaCollector:
     batched product) for long sequences, or to the per-sequence gradient for short ones.
     """
 
-    def __init__(self, q_a: dict[str, torch.Tensor], q_s: dict[str, torch.Tensor]):
+    def __init__(self, q_a: dict[str, torch.Tensor], q_s: dict[str, torch.Tensor], product_dtype: torch.dtype | None = None):
         self.q_a, self.q_s = q_a, q_s
+        self.product_dtype = product_dtype
         self.sums: dict[str, torch.Tensor] = {}
         self.sequence_count = 0
 
@@ -58,8 +65,9 @@ class LambdaCollector:
         self.sequence_count += batch.size
 
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
-        q_a = self.q_a[spec.name].to(a.dtype)
-        q_s = self.q_s[spec.name].to(s.dtype)
+        dtype = self.product_dtype or a.dtype
+        a, s = _cast(a, dtype), _cast(s, dtype)
+        q_a, q_s = self.q_a[spec.name].to(dtype), self.q_s[spec.name].to(dtype)
         t, m, n = a.shape[1], s.shape[-1], a.shape[-1]
         if t * (m * m + n * n) <= m * n * (m + n):
             rotated = _per_sequence_gradient(a @ q_a, s @ q_s)

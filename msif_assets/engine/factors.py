@@ -106,6 +106,7 @@ class FactorMetadata:
     sequence_count: int
     seed: int
     dtype: str = "float64"
+    stats_dtype: str = "model"
     modules: tuple[str, ...] = field(default_factory=tuple)
 
 

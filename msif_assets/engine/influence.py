@@ -34,19 +34,40 @@ METHODS: tuple[str, ...] = ("ms-if", "ss-if", "gdp")
 class FactorArgs:
     """How factors are fitted. ``labels="sampled"`` (default) is the true Fisher (= GGN for
     softmax cross-entropy); ``"data"`` is the empirical Fisher. The covariance pass draws with
-    ``seed`` and the Λ pass with ``seed + 1``."""
+    ``seed`` and the Λ pass with ``seed + 1``.
+
+    ``stats_dtype``: precision of the d²-per-token products (covariances, eigenbasis
+    rotations); forward and backward always run in the model's dtype and sums accumulate in
+    float64. ``auto`` uses bfloat16 for a float32 model on hardware with fast bfloat16 GEMMs
+    (CUDA with bf16, CPUs with AVX512-BF16/AMX), else the model's dtype; ``model`` never
+    lowers precision (float64 references always use it)."""
 
     labels: LabelSource = "sampled"
     seed: int = 0
     split_heads: bool = True
     batch_size: int = 8
     pad_id: int = 0
+    stats_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.stats_dtype not in ("auto", "model", "bfloat16"):
+            raise ValueError(f"stats_dtype={self.stats_dtype!r}; choose 'auto', 'model' or 'bfloat16'")
         if self.labels not in ("sampled", "data"):
             raise ValueError(f"labels={self.labels!r}; choose 'sampled' (true Fisher) or 'data' (empirical Fisher)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def product_dtype(model: nn.Module, stats_dtype: str) -> torch.dtype | None:
+    """The dtype of the statistics' products, or None for the model's own dtype."""
+    model_dtype = next(model.parameters()).dtype
+    if stats_dtype == "model" or model_dtype == torch.float64:
+        return None
+    if stats_dtype == "bfloat16":
+        return torch.bfloat16
+    device = model_device(model)
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.bfloat16 if fast and model_dtype == torch.float32 else None
 
 
 def _n_batches(examples: Sequence[LMExample], batch_size: int) -> int:
@@ -57,7 +78,7 @@ def fit_covariance(
     model: nn.Module, specs: list[ModuleSpec], examples: Sequence[LMExample], args: FactorArgs = FactorArgs()
 ) -> CovarianceStats:
     """Σ a aᵀ, Σ s sᵀ and the token count over ``examples`` (one partition of the data)."""
-    collector = CovarianceCollector(specs)
+    collector = CovarianceCollector(specs, product_dtype(model, args.stats_dtype))
     batches = make_batches(examples, args.batch_size, args.pad_id)
     traverse(model, specs, batches, collector, args.labels, args.seed, "covariance", _n_batches(examples, args.batch_size))
     return CovarianceStats(collector.a_sums, collector.s_sums, collector.token_count)
@@ -74,7 +95,7 @@ def fit_lambdas(
     device = model_device(model)
     q_a = {k: v.to(device) for k, v in basis.q_a.items()}
     q_s = {k: v.to(device) for k, v in basis.q_s.items()}
-    collector = LambdaCollector(q_a, q_s)
+    collector = LambdaCollector(q_a, q_s, product_dtype(model, args.stats_dtype))
     batches = make_batches(examples, args.batch_size, args.pad_id)
     traverse(model, specs, batches, collector, args.labels, args.seed + 1, "eigenvalue correction", _n_batches(examples, args.batch_size))
     return LambdaStats(collector.sums, collector.sequence_count)
@@ -91,6 +112,7 @@ def factor_metadata(
         token_count=cov.token_count,
         sequence_count=lam.sequence_count,
         seed=args.seed,
+        stats_dtype=args.stats_dtype,
         modules=tuple(s.name for s in specs),
     )
 

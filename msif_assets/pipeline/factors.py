@@ -24,7 +24,7 @@ from .settings import ComputeSettings
 
 
 def factor_args(settings: ComputeSettings, pad_id: int, seed_offset: int = 0) -> FactorArgs:
-    return FactorArgs(settings.labels, settings.seed + seed_offset, settings.split_heads, settings.batch_size, pad_id)
+    return FactorArgs(settings.labels, settings.seed + seed_offset, settings.split_heads, settings.batch_size, pad_id, settings.stats_dtype)
 
 
 def pad_id_of(loaded: LoadedModel) -> int:

@@ -18,6 +18,8 @@ class ComputeSettings:
 
     * ``device``: ``auto`` picks CUDA when present. ``dtype``: float32 (default) or float64.
     * ``max_chunk_tokens``: chunk length; 0 = the model's window (``max_position_embeddings``).
+    * ``stats_dtype``: precision of the factor statistics' products (``auto``: bfloat16 on
+      hardware with fast bf16 GEMMs for a float32 model; ``model``: never lowered).
     * ``factor_shards``: corpus shards whose chunks fit the pre-trained factors; empty = all.
     * ``dampings``: ``rel:<α>`` (α · mean Λ per module) or ``abs:<λ>``; each is scored.
     * candidates per shard: ``knn_k`` nearest chunks per query, ∪ ``bm25_k`` lexical hits;
@@ -29,6 +31,7 @@ class ComputeSettings:
     batch_size: int = 8
     max_chunk_tokens: int = 0
     labels: str = "sampled"
+    stats_dtype: str = "auto"
     seed: int = 0
     split_heads: bool = True
     scope: str = "all"

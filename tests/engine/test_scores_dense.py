@@ -122,3 +122,27 @@ def test_batch_size_and_repeats_change_nothing(world):
     c = score_examples(pt, specs, vectors, candidates, batch_size=4).total
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * a.abs().max())
     assert torch.equal(b, c)
+
+
+def test_bfloat16_statistics_agree_with_full_precision(tmp_path):
+    """Low-precision products for the d² statistics (the fast path on bf16 hardware) keep
+    scores in agreement with full precision; float64 models never lower precision."""
+    from scipy import stats
+
+    from msif_assets.engine.influence import product_dtype
+
+    model = build_tiny("gpt_neox", tmp_path, dtype=torch.float32)
+    assert product_dtype(build_tiny("gpt_neox", tmp_path / "f64"), "bfloat16") is None
+    specs = discover_modules(model)
+    fit = [document_example(ids) for ids in random_sequences(24, seed=21, low=6, high=12)]
+    candidates = [document_example(ids) for ids in random_sequences(12, seed=22)]
+    queries = [query_example(ids[:3], ids[3:]) for ids in random_sequences(4, seed=23, low=5)]
+    grads = sequence_gradients(model, specs, queries)
+    totals = {}
+    for stats_dtype in ("model", "bfloat16"):
+        factors = fit_factors(model, specs, fit, FactorArgs(batch_size=8, stats_dtype=stats_dtype))
+        assert factors.metadata.stats_dtype == stats_dtype
+        vectors = preconditioned_queries("ss-if", grads, None, factors, Damping("relative", 0.1))
+        totals[stats_dtype] = score_examples(model, specs, vectors, candidates).total.flatten().numpy()
+    assert stats.pearsonr(totals["model"], totals["bfloat16"])[0] > 0.99
+    assert not (totals["model"] == totals["bfloat16"]).all()  # the low-precision path really ran
