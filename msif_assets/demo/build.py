@@ -8,11 +8,12 @@ Layout under ``out_dir``::
     models/finetuned/      its full fine-tune on world/finetune.jsonl
     build.json             per-step config hash, timing and metrics
 
-Idempotent: a step runs only when its output is missing or its config hash (which chains the
-hashes of the steps it depends on) differs from the one recorded in ``build.json``. Changing
+Idempotent: a step runs only when its output is missing, its config hash (which chains the
+hashes of the steps it depends on) differs from the one recorded in ``build.json``, or a step
+before it ran in this build. Changing
 only fine-tuning settings therefore re-runs fine-tuning and evaluation, never pre-training.
 
-CLI: ``python -m msif_assets.demo.build --out DIR [--seed N] [--force]``.
+CLI: ``python -m msif_assets.demo.build --out DIR [--size default|tiny] [--seed N] [--force]``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from msif_assets.demo.atomic import atomic_directory, write_json_atomic
 from msif_assets.demo.world import World, WorldConfig, generate_world
 from msif_assets.demo.world_io import load_world, save_world
+
+if TYPE_CHECKING:  # train pulls in torch; imported lazily where it runs
+    from msif_assets.demo.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def step_hashes(world_cfg: WorldConfig, train_cfg) -> dict[str, str]:
+def step_hashes(world_cfg: WorldConfig, train_cfg: "TrainConfig") -> dict[str, str]:
     """The config hash of every step; each folds in the hashes of the steps it depends on."""
     t = {k: v for k, v in train_cfg.to_dict().items() if k not in _UNHASHED_TRAIN_FIELDS}
     pre = {k: v for k, v in t.items() if not k.startswith("finetune_")}
@@ -96,7 +100,7 @@ def majority_baseline(world: World) -> float:
 
 
 def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | None = None,
-                        train_cfg=None, force: bool = False) -> dict:
+                        train_cfg: "TrainConfig | None" = None, force: bool = False) -> dict:
     """Build (or reuse) the default world and its two models under ``out_dir``.
 
     Returns ``{"paths": {...}, "metrics": {...}, "timings": {...}, "ran": [...], "skipped": [...]}``;
@@ -124,9 +128,10 @@ def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | Non
         steps = manifest["steps"]
 
         def fresh(step: str) -> bool:
+            """Current hash, output present, and nothing upstream re-ran in this build."""
             record = steps.get(step, {})
             output = outputs[step]
-            return (not force and record.get("hash") == hashes[step]
+            return (not force and not ran and record.get("hash") == hashes[step]
                     and (output is None or output.is_file()))
 
         def run(step: str, body: Callable[[], dict]) -> None:
@@ -172,11 +177,11 @@ def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | Non
             return {"finetune_final_loss": rec["epoch_losses"][-1]}
 
         def do_evaluate() -> dict:
-            w = get_world()
+            w, dev, threads = get_world(), train_cfg.device, train_cfg.num_threads
             return {
-                "heldout_qa_accuracy": evaluate_qa(paths["finetuned_dir"], w.queries),
-                "finetune_qa_accuracy": evaluate_qa(paths["finetuned_dir"], w.finetune),
-                "pretrained_heldout_qa_accuracy": evaluate_qa(paths["pretrained_dir"], w.queries),
+                "heldout_qa_accuracy": evaluate_qa(paths["finetuned_dir"], w.queries, dev, threads),
+                "finetune_qa_accuracy": evaluate_qa(paths["finetuned_dir"], w.finetune, dev, threads),
+                "pretrained_heldout_qa_accuracy": evaluate_qa(paths["pretrained_dir"], w.queries, dev, threads),
                 "majority_baseline_heldout_accuracy": majority_baseline(w),
                 "relative_param_distance": relative_param_distance(paths["pretrained_dir"], paths["finetuned_dir"]),
             }
@@ -194,16 +199,18 @@ def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msif_assets.demo.train import TrainConfig
+    from msif_assets.demo.settings import SIZES, demo_size
 
     parser = argparse.ArgumentParser(prog="python -m msif_assets.demo.build", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output directory (created if needed)")
+    parser.add_argument("--size", default="default", choices=sorted(SIZES), help="named world/model size")
     parser.add_argument("--seed", type=int, default=None, help="seed for both the world and the trainings")
     parser.add_argument("--force", action="store_true", help="re-run every step even if up to date")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    world_cfg, train_cfg = WorldConfig(), TrainConfig()
+    size = demo_size(args.size)
+    world_cfg, train_cfg = size.world, size.train
     if args.seed is not None:
         world_cfg, train_cfg = replace(world_cfg, seed=args.seed), replace(train_cfg, seed=args.seed)
     result = build_default_world(args.out, world_cfg, train_cfg, force=args.force)

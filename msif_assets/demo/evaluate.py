@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from msif_assets.demo.device import pick_device
+from msif_assets.demo.device import pick_device, torch_threads
 
 
 def _field(row: Any, name: str) -> str:
@@ -84,11 +84,15 @@ def qa_exact_match(
     return sum(hits) / len(hits), hits
 
 
-def evaluate_qa(model_dir: str | os.PathLike, qa_rows: Iterable[Any]) -> float:
-    """Greedy exact-match accuracy of the model saved in ``model_dir`` on ``qa_rows``."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).to(pick_device())
-    return qa_exact_match(model, tokenizer, qa_rows)[0]
+def evaluate_qa(
+    model_dir: str | os.PathLike, qa_rows: Iterable[Any], device: str = "auto", num_threads: int = 1
+) -> float:
+    """Greedy exact-match accuracy of the model saved in ``model_dir`` on ``qa_rows``
+    (``num_threads``: CPU threads, 0 = all cores; see ``TrainConfig.num_threads``)."""
+    with torch_threads(num_threads):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).to(pick_device(device))
+        return qa_exact_match(model, tokenizer, qa_rows)[0]
 
 
 def _weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -55,10 +55,11 @@ def test_finetune_change_reruns_only_finetune_and_evaluation(built):
     changed = build_default_world(out, world_cfg, replace(train_cfg, finetune_lr=2e-3))
     assert changed["ran"] == ["finetune", "evaluate"]
     assert pt_weights.stat().st_mtime_ns == stamp
-    # A missing output is rebuilt even when the manifest says the step is current.
+    # A missing output is rebuilt even when the manifest says the step is current, and so is
+    # everything downstream of it.
     (out / "models" / "finetuned" / "model.safetensors").unlink()
     rebuilt = build_default_world(out, world_cfg, replace(train_cfg, finetune_lr=2e-3))
-    assert rebuilt["ran"] == ["finetune"] and "evaluate" in rebuilt["skipped"]
+    assert rebuilt["ran"] == ["finetune", "evaluate"] and rebuilt["skipped"] == ["world", "tokenizer", "pretrain"]
 
 
 def test_step_hashes_chain_and_ignore_device():
@@ -70,3 +71,14 @@ def test_step_hashes_chain_and_ignore_device():
     wider = step_hashes(w, replace(t, hidden_size=64))
     assert wider["world"] == base["world"] and wider["tokenizer"] == base["tokenizer"]
     assert all(wider[s] != base[s] for s in ("pretrain", "finetune", "evaluate"))
+
+
+def test_cli_builds_the_tiny_size_and_prints_json(tmp_path, capsys):
+    from msif_assets.demo.build import main
+
+    assert main(["--out", str(tmp_path), "--size", "tiny", "--log-level", "WARNING"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ran"] == list(STEPS)
+    assert (tmp_path / "models" / "finetuned" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--size", "huge"])
