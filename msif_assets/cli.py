@@ -9,7 +9,7 @@ The lake root comes from ``--lake``, else ``$MSIF_LAKE``, else ``./lake``.
 Commands form a registry: each is a ``register(subparsers)`` function that adds a
 subparser and sets ``handler=<fn(args) -> exit code>``. Built-in commands live here;
 other packages add theirs by exposing ``register(subparsers)`` in one of
-PLUGIN_MODULES (e.g. ``msif_assets/demo/cli.py`` for ``msif demo``). Plugins should
+PLUGIN_MODULES (``msif_assets/defs/cli.py`` adds ``demo``, ``materialize``, ``refresh``). Plugins should
 build their subparser with ``parents=[lake_option()]`` and read the root with
 ``lake_root(args)``, and import heavy libraries inside their handler, not at import.
 """
@@ -32,7 +32,7 @@ import pyarrow as pa
 __all__ = ["main", "build_parser", "lake_option", "lake_root", "format_table", "PLUGIN_MODULES", "COMMANDS"]
 
 ENV_LAKE = "MSIF_LAKE"
-PLUGIN_MODULES = ("msif_assets.demo.cli", "msif_assets.defs.cli")
+PLUGIN_MODULES = ("msif_assets.defs.cli",)
 Register = Callable[[Any], None]
 
 

@@ -1,7 +1,8 @@
 """``msif demo`` / ``msif materialize`` / ``msif refresh``: run the lineage in-process.
 
-Runs are recorded in the Dagster instance at ``$DAGSTER_HOME`` (default: the repository's
-``dagster_home/``), so ``dagster dev`` shows them afterwards.
+Runs are recorded in a Dagster instance that belongs to the lake (its run history says
+what the lake holds): ``$DAGSTER_HOME`` when set; else the repository's ``dagster_home/``
+for the default lake ``./lake`` (``make ui`` serves it); else ``<lake>/.dagster``.
 """
 
 import logging
@@ -9,15 +10,23 @@ import os
 import time
 from pathlib import Path
 
-REPO_HOME = Path(__file__).resolve().parents[2] / "dagster_home"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_HOME = REPO_ROOT / "dagster_home"
 
 
-def _instance():
+def _instance(lake_root: str):
+    import shutil
+
     import dagster as dg
 
-    if not os.environ.get("DAGSTER_HOME") and (REPO_HOME / "dagster.yaml").is_file():
-        os.environ["DAGSTER_HOME"] = str(REPO_HOME)
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    if not os.environ.get("DAGSTER_HOME"):
+        lake = Path(lake_root).resolve()
+        home = REPO_HOME if lake == REPO_ROOT / "lake" else lake / ".dagster"
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists() and (REPO_HOME / "dagster.yaml").is_file():
+            shutil.copy(REPO_HOME / "dagster.yaml", home / "dagster.yaml")
+        os.environ["DAGSTER_HOME"] = str(home)
+    return dg.DagsterInstance.get()
 
 
 def _setup(args):
@@ -30,7 +39,7 @@ def _setup(args):
     config = load_config(args.config)
     if args.lake:
         config = type(config)(**{**config.__dict__, "lake_root": str(Path(args.lake).resolve())})
-    return config, build_definitions(config), _instance()
+    return config, build_definitions(config), _instance(config.lake_root)
 
 
 def bring_up_to_date(config, defs, instance) -> tuple:
@@ -46,7 +55,10 @@ def bring_up_to_date(config, defs, instance) -> tuple:
     runner.observe_inputs(defs, instance)
     cursor_path = Path(config.lake_root) / ".automation_cursor"
     cursor = runner.load_cursor(cursor_path)
-    missing = {k: v for k, v in runner.all_requests(defs, instance).items() if not _materialized(instance, k, v)}
+    everything = runner.all_requests(defs, instance)
+    # a new or emptied lake holds nothing, whatever an older run history says
+    lake_empty = not (Path(config.lake_root) / "shards").is_dir()
+    missing = everything if lake_empty else {k: v for k, v in everything.items() if not _materialized(instance, k, v)}
     ran = runner.execute(defs, instance, missing) if missing else runner.RunLog()
     if cursor is None:
         _, cursor = runner.automation_tick(defs, instance, None)
