@@ -19,7 +19,7 @@ from torch import nn
 
 from .batching import LMBatch
 from .modules import ModuleSpec
-from .objectives import LabelSource, log_likelihood
+from .objectives import LabelSource, logit_gradient
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ def traverse(
                 batch = batch.to(device)
                 collector.begin_batch(batch)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                objective = log_likelihood(logits, batch, labels, generator)
-                objective.backward()
+                logits.backward(logit_gradient(logits, batch, labels, generator))
                 if time.perf_counter() - last_log > 10:
                     last_log = time.perf_counter()
                     of = f"/{total_batches}" if total_batches else ""
