@@ -34,13 +34,15 @@ class CovarianceCollector:
         self._real: torch.Tensor | None = None
 
     def begin_batch(self, batch: LMBatch) -> None:
-        self._real = batch.attention_mask.bool()
-        self.token_count += int(self._real.sum())
+        real = batch.attention_mask.bool()
+        self.token_count += int(real.sum())
+        self._real = None if bool(real.all()) else real  # no padding: no gather copy
 
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
-        real = self._real.to(a.device)
-        a2, s2 = _cast(a[real], self.product_dtype), _cast(s[real], self.product_dtype)  # pads dropped
-        for sums, x in ((self.a_sums, a2), (self.s_sums, s2)):
+        # s is exactly 0 at pads (causal model, right padding): only a needs its pads dropped.
+        a2 = a.flatten(0, 1) if self._real is None else a[self._real.to(a.device)]
+        s2 = s.flatten(0, 1)
+        for sums, x in ((self.a_sums, _cast(a2, self.product_dtype)), (self.s_sums, _cast(s2, self.product_dtype))):
             gram = (x.T @ x).double()
             if spec.name in sums:
                 sums[spec.name] += gram
@@ -73,7 +75,9 @@ class LambdaCollector:
             rotated = _per_sequence_gradient(a @ q_a, s @ q_s)
         else:
             rotated = q_s.T @ _per_sequence_gradient(a, s) @ q_a
-        squared = rotated.square().sum(0).double()
+        # square and sum in at least float32: bf16 products, but no bf16 rounding of Λ's terms
+        rotated = rotated.to(torch.promote_types(rotated.dtype, torch.float32))
+        squared = rotated.mul_(rotated).sum(0).double()
         if spec.name in self.sums:
             self.sums[spec.name] += squared
         else:
