@@ -37,9 +37,15 @@ def pipeline_refresh_phases(meter: Meter, shards: int = 10, root: Path | None = 
     """Full materialization of ``shards - 1`` shards, then the refresh after one new shard and
     after a new fine-tuned model; phases have ``engine="pipeline"`` and ``extra`` holding
     ``asset_partitions``, ``runs``, ``executed`` and ``fraction_of_full`` (wall time)."""
+    import logging
+    import warnings
+
     import dagster as dg
 
     from msif_assets.defs import runner
+
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
     world = _world()
     root = Path(root or tempfile.mkdtemp(prefix="msif-refresh-"))

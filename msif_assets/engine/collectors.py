@@ -62,6 +62,13 @@ class LambdaCollector:
         self.product_dtype = product_dtype
         self.sums: dict[str, torch.Tensor] = {}
         self.sequence_count = 0
+        self._cast_basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _basis(self, name: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q_A, Q_S)`` in the product dtype, cast once per traversal rather than per batch."""
+        if name not in self._cast_basis:
+            self._cast_basis[name] = (self.q_a[name].to(device, dtype), self.q_s[name].to(device, dtype))
+        return self._cast_basis[name]
 
     def begin_batch(self, batch: LMBatch) -> None:
         self.sequence_count += batch.size
@@ -69,7 +76,7 @@ class LambdaCollector:
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
         dtype = self.product_dtype or a.dtype
         a, s = _cast(a, dtype), _cast(s, dtype)
-        q_a, q_s = self.q_a[spec.name].to(dtype), self.q_s[spec.name].to(dtype)
+        q_a, q_s = self._basis(spec.name, dtype, a.device)
         t, m, n = a.shape[1], s.shape[-1], a.shape[-1]
         if t * (m * m + n * n) <= m * n * (m + n):
             rotated = _per_sequence_gradient(a @ q_a, s @ q_s)
