@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Dagster flags the APIs we use (observable source assets, …) as beta at definition time;
+    # one warning per definition is noise on a command line, not something a user can act on.
+    warnings.filterwarnings("ignore", message=r".*is currently in beta")
     args = build_parser().parse_args(argv)
     from msif_assets.lake.catalog import CatalogError, CatalogQueryError
 

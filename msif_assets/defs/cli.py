@@ -33,9 +33,14 @@ def _setup(args):
     from .build import build_definitions
     from .config import load_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("dagster", "httpx", "sentence_transformers", "lancedb"):
+    # Our progress at INFO; libraries (dagster, alembic, httpx, lancedb, ...) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("msif_assets").setLevel(logging.INFO)
+    for noisy in ("dagster", "dagster.automation_condition_tester", "bm25s"):  # these set their own levels
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our log lines report progress
     config = load_config(args.config)
     if args.lake:
         config = type(config)(**{**config.__dict__, "lake_root": str(Path(args.lake).resolve())})

@@ -7,6 +7,7 @@ Dagster run per shard, so every run shows up in the UI (``dagster dev``) like a 
 
 
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,8 +46,15 @@ def register_shards(instance: dg.DagsterInstance, inbox: str | Path) -> list[str
     return new
 
 
+def _quiet_console() -> dict:
+    """Run config for Dagster's console logger: WARNING by default (every event still goes to
+    the instance's event log and the UI); ``MSIF_RUN_LOG_LEVEL=DEBUG`` shows them all."""
+    level = os.environ.get("MSIF_RUN_LOG_LEVEL", "WARNING").upper()
+    return {"loggers": {"console": {"config": {"log_level": level}}}}
+
+
 def observe_inputs(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
-    observe(SOURCES, instance=instance, resources=defs.resources)
+    observe(SOURCES, instance=instance, resources=defs.resources, run_config=_quiet_console())
 
 
 def _graph(defs: dg.Definitions):
@@ -110,7 +118,7 @@ def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
     log.info("materializing %s%s", label, f" [{partition}]" if partition else "")
     result = dg.materialize(
         assets, selection=dg.AssetSelection.assets(*keys), partition_key=partition, instance=instance, resources=defs.resources,
-        tags={"msif/runner": "cli"},
+        tags={"msif/runner": "cli"}, run_config=_quiet_console(),
     )
     if not result.success:
         raise RuntimeError(f"run failed for {label} [{partition}]")
