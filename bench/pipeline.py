@@ -44,8 +44,11 @@ def pipeline_refresh_phases(meter: Meter, shards: int = 10, root: Path | None = 
 
     from msif_assets.defs import runner
 
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("dagster").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", message=r".*is currently in beta")
+    hf_logging.disable_progress_bar()
 
     world = _world()
     root = Path(root or tempfile.mkdtemp(prefix="msif-refresh-"))
