@@ -16,17 +16,6 @@ from .batching import LMBatch
 LabelSource = Literal["data", "sampled"]
 
 
-def _target_logits(logits: torch.Tensor, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits predicting each target token: logits at t-1 predict token t.
-
-    Returns ``(pred (N, V), tokens (N,))`` over the N target positions of the batch.
-    """
-    shifted_mask = batch.target_mask[:, 1:]
-    pred = logits[:, :-1][shifted_mask]
-    tokens = batch.input_ids[:, 1:][shifted_mask]
-    return pred, tokens
-
-
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row drawn from the categorical ``probs`` (N, V) → (N,), by inverse CDF.
 
@@ -104,12 +93,8 @@ def log_likelihood(
     is ``batch.labels``). With ``labels="sampled"`` the targets are drawn from the model's own
     predictive distribution (true Fisher) instead of the data.
     """
-    if logits.dim() == 2:
-        if batch.labels is None:
-            raise ValueError("classification logits need batch.labels")
-        pred, tokens = logits, batch.labels
-    else:
-        pred, tokens = _target_logits(logits, batch)
+    rows, targets = _target_rows(logits, batch)
+    pred, tokens = logits[rows], targets[rows]
     if labels == "sampled":
         tokens = sample_from(pred, generator)
     elif labels != "data":
