@@ -22,20 +22,26 @@ from .evaluation import now_utc
 @dataclass(frozen=True)
 class FidelityConfig:
     """A tiny GPT-NeoX trained on a seeded Markov chain (each token has two successors), then
-    EK-FAC fidelity against exact damped-GGN influence over its own training sequences."""
+    EK-FAC fidelity against exact damped-GGN influence over its own training sequences.
+
+    ``n_train`` is large enough that the model learns the chain rather than memorizing its
+    walks: with 48 walks it reached a training loss of 0.18, below the chain's entropy floor
+    (ln 2 ≈ 0.69 per token), and two thirds of its GGN's eigenvalues fell under 1e-3 — a
+    memorized model is not the regime influence functions (or the paper's Table 1, a model
+    trained on Penn Treebank) describe. With 256 walks the loss stays near the floor."""
 
     vocab: int = 16
     hidden: int = 8
     layers: int = 2
     heads: int = 2
     intermediate: int = 32
-    n_train: int = 48
+    n_train: int = 256
     seq_len: int = 10
-    n_queries: int = 6
+    n_queries: int = 8
     prompt_len: int = 6
     train_steps: int = 300
     lr: float = 1e-2
-    dampings: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    dampings: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     fisher_repeats: int = 2
     seed: int = 0
 

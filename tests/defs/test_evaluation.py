@@ -234,7 +234,7 @@ def test_fact_tracing_tables_views_and_plot(world):
 def test_fidelity_proximity_and_share_tables(world):
     with Catalog.open(world["lake"]) as catalog:
         fidelity = catalog.query("SELECT method, damping, spearman, pearson, n_pairs FROM eval_fidelity").to_pylist()
-    methods = ("exact", "gdp", "ekfac", "ekfac-unsplit", "ekfac-mlp")
+    methods = ("exact", "exact-blockdiag", "gdp", "ekfac", "ekfac-unsplit", "ekfac-mlp")
     assert {(r["method"], r["damping"]) for r in fidelity} == {(m, d) for m in methods for d in SMALL_FIDELITY.dampings}
     assert all(r["n_pairs"] == 8 * 2 and -1 <= r["spearman"] <= 1 for r in fidelity)
     assert all(r["spearman"] == pytest.approx(1.0) for r in fidelity if r["method"] == "exact")

@@ -46,11 +46,13 @@ def _markov_sequences(n, length, vocab, seed):
 
 @pytest.fixture(scope="module")
 def trained_neox():
+    """Trained on enough walks to learn the chain rather than memorize them (a memorized model's
+    GGN is mostly null space, where no approximation is meaningful)."""
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=32, max_position_embeddings=16, attn_implementation="sdpa")
     model = GPTNeoXForCausalLM(config)
-    train = _markov_sequences(48, 10, 16, seed=1)
+    train = _markov_sequences(256, 10, 16, seed=1)
     ids = torch.tensor(train)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
@@ -64,12 +66,16 @@ def trained_neox():
 
 def test_ekfac_beats_gdp_against_exact_influence(trained_neox):
     model, train, final_loss = trained_neox
-    assert final_loss < 1.2  # learned the chain (uniform would be ln 16 ≈ 2.77)
-    queries = [query_example(s[:6], s[6:]) for s in _markov_sequences(6, 10, 16, seed=2)]
-    candidates = [document_example(s) for s in train]
-    rows = fidelity_table(model, [document_example(s) for s in train], queries, candidates, dampings=(1e-3,))
-    by = {r.method: r for r in rows}
-    # On a hidden-8 model the GGN is far from Kronecker-factored (≈ half its mass is off the
-    # EK-FAC eigenbasis diagonal), so fidelity is modest; EK-FAC must still clearly beat GDP.
-    for method in ("ekfac", "ekfac-unsplit"):
-        assert by[method].spearman > by["gdp"].spearman + 0.05, rows
+    assert 0.4 < final_loss < 1.2  # learned the chain (uniform: ln 16 ≈ 2.77; its entropy: ln 2 ≈ 0.69)
+    queries = [query_example(s[:6], s[6:]) for s in _markov_sequences(8, 10, 16, seed=2)]
+    docs = [document_example(s) for s in train]
+    dampings = (1e-4, 1e-2, 1.0)
+    rows = fidelity_table(model, docs, queries, docs, dampings=dampings, fisher_repeats=2)
+    by = {(r.method, r.damping): r for r in rows}
+    # On a hidden-8 model the GGN is far from block-diagonal, let alone Kronecker-factored, so
+    # fidelity is modest (the paper's hidden-256 model: EK-FAC 0.61, GDP 0.22); EK-FAC must
+    # still beat GDP at every damping, with and without the head split.
+    for damping in dampings:
+        assert by[("exact", damping)].spearman == 1.0
+        for method in ("ekfac", "ekfac-unsplit"):
+            assert by[(method, damping)].spearman > by[("gdp", damping)].spearman, rows
