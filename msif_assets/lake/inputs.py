@@ -89,24 +89,28 @@ def _decode(raw: bytes, line_no: int) -> str | _Reject:
         return _Reject("<line>", f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8")
 
 
-def _jsonl_rows(path: Path) -> Iterator[_Row]:
+def _decoded_lines(path: Path) -> Iterator[tuple[int, "str | _Reject", str]]:
+    """``(line number, decoded text or a reject, the raw line as shown in rejects)``."""
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
-            text = _decode(raw, line_no)
-            shown = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
-            if isinstance(text, _Reject):
-                yield _Row(line_no, text, shown)
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                obj = _Reject("<line>", f"malformed JSON: {exc.msg} at column {exc.colno}")
-            else:
-                if not isinstance(obj, dict):
-                    obj = _Reject("<line>", f"expected a JSON object, got {type(obj).__name__}")
-            yield _Row(line_no, obj, shown)
+            yield line_no, _decode(raw, line_no), raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
+
+
+def _jsonl_rows(path: Path) -> Iterator[_Row]:
+    for line_no, text, shown in _decoded_lines(path):
+        if isinstance(text, _Reject):
+            yield _Row(line_no, text, shown)
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            obj = _Reject("<line>", f"malformed JSON: {exc.msg} at column {exc.colno}")
+        else:
+            if not isinstance(obj, dict):
+                obj = _Reject("<line>", f"expected a JSON object, got {type(obj).__name__}")
+        yield _Row(line_no, obj, shown)
 
 
 def _parquet_rows(path: Path) -> Iterator[_Row]:
@@ -118,14 +122,11 @@ def _parquet_rows(path: Path) -> Iterator[_Row]:
 
 
 def _txt_rows(path: Path) -> Iterator[_Row]:
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            text = _decode(raw, line_no)
-            shown = raw.decode("utf-8", "backslashreplace").rstrip("\r\n")
-            if isinstance(text, _Reject):
-                yield _Row(line_no, text, shown)
-            elif text.strip():
-                yield _Row(line_no, {"doc_id": f"{path.stem}:{line_no}", "text": text}, shown)
+    for line_no, text, shown in _decoded_lines(path):
+        if isinstance(text, _Reject):
+            yield _Row(line_no, text, shown)
+        elif text.strip():
+            yield _Row(line_no, {"doc_id": f"{path.stem}:{line_no}", "text": text}, shown)
 
 
 def _check_str(obj: dict, field: str, *, required: bool = True) -> str | _Reject | None:
