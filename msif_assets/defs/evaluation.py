@@ -79,7 +79,8 @@ def build_ekfac_fidelity(config: fe.FidelityConfig = fe.FidelityConfig()) -> dg.
               kinds={"pytorch", "parquet"})
     def ekfac_fidelity(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
         """Spearman/Pearson of EK-FAC (split/unsplit heads, MLP only), GDP and the exact GGN's
-        per-module blocks (the ceiling of per-module methods) against exact damped-GGN influence on a tiny GPT-NeoX trained on a synthetic Markov chain (Table 1)."""
+        per-module blocks (the ceiling of per-module methods) against exact damped-GGN
+        influence on a tiny GPT-NeoX trained on a synthetic Markov chain (Table 1)."""
         result = fe.run_fidelity(config)
         table = fe.fidelity_rows(result)
         tables.write_eval(lake.layout(), "eval_fidelity", table)
