@@ -42,7 +42,7 @@ def pipeline_refresh_phases(meter: Meter, shards: int = 10, root: Path | None = 
 
     import dagster as dg
 
-    from msif_assets.defs import runner
+    from msif_assets.app import runner
 
     from transformers.utils import logging as hf_logging
 

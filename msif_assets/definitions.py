@@ -1,6 +1,6 @@
 """Dagster entry point (``workspace.yaml`` and ``[tool.dagster]`` point here)."""
 
 from .defs.build import build_definitions
-from .defs.config import load_config
+from .config import load_config
 
 defs = build_definitions(load_config())

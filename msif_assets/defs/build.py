@@ -8,11 +8,12 @@ import json
 import dagster as dg
 
 from .checks import CHECKS
-from .config import MsifConfig
+from ..config import MsifConfig
 from .corpus import corpus_shards, doc_chunks, doc_embeddings
 from .factors import ft_factors, pt_covariance, pt_eigenbasis, pt_factors, pt_lambda
 from .inputs import SOURCES
 from .queries import candidates, queries, query_gradients
+from ..pipeline.settings import ComputeSettings
 from .resources import ComputeResource, InputsResource, LakeResource
 from .evaluation import EVAL_ASSETS, ekfac_fidelity
 from .scores import influence_scores
@@ -44,8 +45,8 @@ SETTINGS_READ: dict[str, tuple[str, ...]] = {
 CODE_REVISION = "1"  # bump when an asset's computation changes meaning
 
 
-def _with_config_versions(asset_def: dg.AssetsDefinition, compute: ComputeResource) -> dg.AssetsDefinition:
-    fields = compute.model_dump()
+def _with_config_versions(asset_def: dg.AssetsDefinition, settings: ComputeSettings) -> dg.AssetsDefinition:
+    fields = settings.to_config()
 
     def version(spec: dg.AssetSpec) -> dg.AssetSpec:
         read = SETTINGS_READ.get(spec.key.to_user_string(), ())
@@ -56,22 +57,17 @@ def _with_config_versions(asset_def: dg.AssetsDefinition, compute: ComputeResour
 
 
 def build_resources(config: MsifConfig) -> dict:
-    compute = dict(config.compute)
-    if config.is_demo:
-        from ..demo.settings import demo_compute_defaults
-
-        compute = {**demo_compute_defaults(config.demo_size), **compute}
     return {
         "lake": LakeResource(root=config.lake_root),
         "inputs": InputsResource(**config.resolved_inputs()),
-        "compute": ComputeResource(**compute),
+        "compute": ComputeResource.from_settings(config.compute),
     }
 
 
 def build_definitions(config: MsifConfig) -> dg.Definitions:
     resources = build_resources(config)
     versioned = [*LINEAGE, *(a for a in EVAL_ASSETS if a is not ekfac_fidelity)]  # fidelity versions its own config
-    assets: list = [*SOURCES, *(_with_config_versions(a, resources["compute"]) for a in versioned), ekfac_fidelity]
+    assets: list = [*SOURCES, *(_with_config_versions(a, config.compute) for a in versioned), ekfac_fidelity]
     checks = list(CHECKS)
     if config.is_demo:
         from .demo import DEMO_ASSETS, DEMO_CHECKS, demo_resource

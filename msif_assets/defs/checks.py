@@ -6,10 +6,8 @@ import dagster as dg
 import torch
 
 from ..lake import tables
-from ..lake.models import fingerprint_model_dir
 from ..lake.vectors import ChunkVectorStore
 from ..pipeline.factors import load_factors
-from ..pipeline.models import short_hash
 from .corpus import SHARDS, doc_embeddings
 from .factors import ft_factors, pt_factors
 from .resources import InputsResource, LakeResource
@@ -38,13 +36,13 @@ def _factor_problems(path) -> list[str]:
 
 @dg.asset_check(asset=pt_factors, description="Every factor is finite; eigenvalues and Λ are ≥ 0.")
 def pt_factors_sane(lake: LakeResource, inputs: InputsResource) -> dg.AssetCheckResult:
-    problems = _factor_problems(lake.layout().factors_file("pt", short_hash(fingerprint_model_dir(inputs.path("pretrained_model")))))
+    problems = _factor_problems(lake.layout().factors_file("pt", inputs.model_ids.pt))
     return dg.AssetCheckResult(passed=not problems, metadata={"problems": "\n".join(problems) or "none"})
 
 
 @dg.asset_check(asset=ft_factors, description="Every factor is finite; eigenvalues and Λ are ≥ 0.")
 def ft_factors_sane(lake: LakeResource, inputs: InputsResource) -> dg.AssetCheckResult:
-    problems = _factor_problems(lake.layout().factors_file("ft", short_hash(fingerprint_model_dir(inputs.path("finetuned_model")))))
+    problems = _factor_problems(lake.layout().factors_file("ft", inputs.model_ids.ft))
     return dg.AssetCheckResult(passed=not problems, metadata={"problems": "\n".join(problems) or "none"})
 
 
@@ -71,7 +69,7 @@ def embeddings_match_chunks(context: dg.AssetCheckExecutionContext, lake: LakeRe
 def scores_finite_and_unique(context: dg.AssetCheckExecutionContext, lake: LakeResource, inputs: InputsResource) -> dg.AssetCheckResult:
     from ..lake.catalog import Catalog
 
-    ft_hash = short_hash(fingerprint_model_dir(inputs.path("finetuned_model")))
+    ft_hash = inputs.model_ids.ft
     catalog = Catalog.open(lake.layout().root)
     try:
         stats = catalog.query(

@@ -32,7 +32,7 @@ def corpus_shards(context: dg.AssetExecutionContext, lake: LakeResource, inputs:
 @dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[corpus_shards, pretrained_tokenizer], automation_condition=refresh_on_change(), kinds={"parquet"})
 def doc_chunks(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Token chunks of at most the model window; long documents are split, never truncated."""
-    settings = compute.settings()
+    settings = compute.settings
     tokenizer, window = load_tokenizer(inputs.path("pretrained_model"), settings.trust_remote_code)
     max_tokens = settings.max_chunk_tokens or window
     if not max_tokens:
@@ -48,7 +48,7 @@ def doc_chunks(context: dg.AssetExecutionContext, lake: LakeResource, inputs: In
 @dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[doc_chunks], automation_condition=refresh_on_change(), kinds={"lancedb"})
 def doc_embeddings(context: dg.AssetExecutionContext, lake: LakeResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Sentence-transformer embeddings of every chunk, replaced per shard in LanceDB."""
-    settings = compute.settings()
+    settings = compute.settings
     encoder = load_sentence_encoder(settings.embedding_model_dir or None, str(settings.torch_device))
     count = embed_shard(lake.layout(), context.partition_key, encoder)
     layout = lake.layout()

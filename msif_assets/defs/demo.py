@@ -9,7 +9,7 @@ import dagster as dg
 
 from ..demo.settings import demo_size
 from .automation import text_version
-from .config import MsifConfig
+from ..config import MsifConfig
 
 GROUP = "default_world"
 

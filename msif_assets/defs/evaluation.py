@@ -14,11 +14,11 @@ import dagster as dg
 import pyarrow as pa
 
 from ..lake import tables
-from ..lake.models import fingerprint_model_dir
 from ..pipeline import evaluation as ev
 from ..pipeline import fidelity_eval as fe
 from ..pipeline import model_analysis as ma
-from ..pipeline.models import check_pair, load_pair, short_hash
+from ..pipeline.models import check_pair, load_pair
+from ..pipeline.settings import ScoreKey
 from .automation import refresh_on_change, table_version, text_version
 from .inputs import finetuned_model, pretrained_model
 from .queries import queries
@@ -29,10 +29,6 @@ GROUP = "evaluation"
 VOLATILE = ("computed_at", "seconds")
 
 
-def _hashes(inputs: InputsResource) -> tuple[str, str]:
-    return tuple(short_hash(fingerprint_model_dir(inputs.path(n))) for n in ("pretrained_model", "finetuned_model"))
-
-
 def _version(*tables_: pa.Table) -> dg.DataVersion:
     return text_version(*(table_version(t, ignore=VOLATILE).value for t in tables_))
 
@@ -41,8 +37,7 @@ def _version(*tables_: pa.Table) -> dg.DataVersion:
 def fact_tracing_eval(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource) -> dg.MaterializeResult:
     """MRR and Recall@10 (any / fraction) of every method and damping for gold-labelled queries,
     ranking all scored documents (``full``) and Akyürek et al.'s rerank pools (``rerank``)."""
-    layout = lake.layout()
-    pt_hash, ft_hash = _hashes(inputs)
+    layout, ids = lake.layout(), inputs.model_ids
     query_table = tables.read_queries(layout)
     labelled = ev.gold_queries(query_table)
     png = layout.eval_dir / "fact_tracing.png"
@@ -52,14 +47,14 @@ def fact_tracing_eval(context: dg.AssetExecutionContext, lake: LakeResource, inp
         context.log.info("no query has gold_doc_ids: fact tracing skipped")
         return dg.MaterializeResult(metadata={"skipped": "no query has gold_doc_ids", "queries_with_gold": 0},
                                     data_version=text_version("no-gold-labels"))
-    doc_scores = ev.document_scores(ev.load_chunk_scores(layout, pt_hash, ft_hash))
-    result = ev.fact_tracing(doc_scores, query_table, ev.load_doc_texts(layout), ft_hash)
+    doc_scores = ev.document_scores(ev.load_chunk_scores(layout, ids))
+    result = ev.fact_tracing(doc_scores, query_table, ev.load_doc_texts(layout), ids.ft)
     ev.write_fact_tracing(layout, result)
     ev.plot_fact_tracing(result.summary, png)
     pools = result.pools.to_pylist()
     return dg.MaterializeResult(
         metadata={
-            "queries_with_gold": len(labelled), "ft_model": ft_hash, "pt_model": pt_hash,
+            "queries_with_gold": len(labelled), "ft_model": ids.ft, "pt_model": ids.pt,
             "mean_rerank_pool": sum(p["n_pool"] for p in pools) / len(pools),
             "mean_eligible_docs": sum(p["n_eligible"] for p in pools) / len(pools),
             "summary": dg.MetadataValue.md(ev.summary_markdown(result.summary)),
@@ -103,8 +98,9 @@ ekfac_fidelity = build_ekfac_fidelity()
 def param_proximity(lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """‖θ_ft − θ_pt‖₂ / ‖θ_pt‖₂ over the tracked weights (all, MLP, attention) and over all
     parameters the two models share (paper: at most a few percent)."""
-    pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), compute.settings())
-    rows = [{**asdict(r), "pt_model": pair.pt_hash, "ft_model": pair.ft_hash, "computed_at": ev.now_utc()}
+    ids = inputs.model_ids
+    pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), ids, compute.settings)
+    rows = [{**asdict(r), "pt_model": ids.pt, "ft_model": ids.ft, "computed_at": ev.now_utc()}
             for r in ma.parameter_proximity(pair.pt.model, pair.ft.model, pair.specs)]
     table = pa.Table.from_pylist(rows, schema=tables.PARAM_PROXIMITY.schema)
     tables.write_eval(lake.layout(), "param_proximity", table)
@@ -119,17 +115,16 @@ def param_proximity(lake: LakeResource, inputs: InputsResource, compute: Compute
 def influence_share(lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Share of |influence| through MLP vs attention modules per method and damping, next to
     their share of tracked parameters (paper: attention ≈ 25% of parameters, ≈ 14.5% of influence)."""
-    layout, settings = lake.layout(), compute.settings()
-    pt_hash, ft_hash = _hashes(inputs)
-    specs = check_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)  # no weights read
+    layout, ids = lake.layout(), inputs.model_ids
+    specs = check_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), compute.settings)  # no weights read
     counts = ma.tracked_parameter_counts(specs)
     now = ev.now_utc()
-    rows = [{**r, "pt_model": pt_hash, "ft_model": ft_hash, "computed_at": now}
-            for r in ma.influence_shares(ev.load_chunk_scores(layout, pt_hash, ft_hash), counts)]
+    rows = [{**r, "pt_model": ids.pt, "ft_model": ids.ft, "computed_at": now}
+            for r in ma.influence_shares(ev.load_chunk_scores(layout, ids), counts)]
     table = pa.Table.from_pylist(rows, schema=tables.INFLUENCE_SHARE.schema)
     tables.write_eval(layout, "influence_share", table)
     cols = ["method", "damping", "influence_share_mlp", "influence_share_attn", "param_share_mlp", "param_share_attn"]
-    shown = [{**r, "damping": ev.damping_label(r["damping_kind"], r["damping"])} for r in rows]
+    shown = [{**r, "damping": ScoreKey.from_columns(r["method"], r["damping_kind"], r["damping"]).damping_label} for r in rows]
     return dg.MaterializeResult(
         metadata={"param_count_mlp": counts["mlp"], "param_count_attn": counts["attn"],
                   "table": dg.MetadataValue.md(ma.markdown_table(shown, cols))},

@@ -7,7 +7,7 @@ import dagster as dg
 from ..lake import tables
 from ..lake.embeddings import load_sentence_encoder
 from ..pipeline.factors import load_factors
-from ..pipeline.models import load_pair
+from ..pipeline.models import load_finetuned, load_pair
 from ..pipeline.queries import compute_query_vectors, load_queries, save_query_vectors, select_candidates
 from .automation import HEAVY_POOL, refresh_on_change, safetensors_version, table_version
 from .corpus import SHARDS, doc_chunks, doc_embeddings
@@ -21,9 +21,7 @@ GROUP = "queries"
 @dg.asset(group_name=GROUP, deps=[queries_file, finetuned_model], automation_condition=refresh_on_change(), kinds={"parquet"})
 def queries(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """The queries table; a missing completion is the fine-tuned model's greedy answer."""
-    from ..pipeline.models import load_finetuned
-
-    settings = compute.settings()
+    settings = compute.settings
     table = load_queries(inputs.path("queries"), load_finetuned(inputs.path("finetuned_model"), settings), settings)
     tables.write_queries(lake.layout(), table)
     generated = sum('"generated"' in m for m in table.column("meta").to_pylist())
@@ -38,15 +36,14 @@ def queries(context: dg.AssetExecutionContext, lake: LakeResource, inputs: Input
           automation_condition=refresh_on_change(), kinds={"pytorch", "safetensors"})
 def query_gradients(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """∇f(q; θ_ft) preconditioned per method and damping: P_pt P_ft ∇f (MS-IF), P_ft ∇f (SS-IF), ∇f (GDP)."""
-    settings, layout = compute.settings(), lake.layout()
-    pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)
+    settings, layout, ids = compute.settings, lake.layout(), inputs.model_ids
+    pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), ids, settings)
     table = tables.read_queries(layout)
-    pt_f = load_factors(layout.factors_file("pt", pair.pt_hash))
-    ft_f = load_factors(layout.factors_file("ft", pair.ft_hash))
+    pt_f, ft_f = load_factors(layout.factors_file("pt", ids.pt)), load_factors(layout.factors_file("ft", ids.ft))
     vectors = compute_query_vectors(pair.ft, pair.specs, table, pt_f, ft_f, settings)
-    paths = save_query_vectors(layout, vectors, pair.pt_hash, pair.ft_hash, table.column("query_id").to_pylist())
+    paths = save_query_vectors(layout, vectors, ids, table.column("query_id").to_pylist())
     return dg.MaterializeResult(
-        metadata={"queries": table.num_rows, "vectors": ", ".join(f"{m}@{d}" for m, d in vectors), "modules": len(pair.specs)},
+        metadata={"queries": table.num_rows, "vectors": ", ".join(k.label for k in vectors), "modules": len(pair.specs)},
         data_version=safetensors_version(*paths),
     )
 
@@ -54,7 +51,7 @@ def query_gradients(context: dg.AssetExecutionContext, lake: LakeResource, input
 @dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[queries, doc_embeddings, doc_chunks], automation_condition=refresh_on_change(), kinds={"lancedb", "parquet"})
 def candidates(context: dg.AssetExecutionContext, lake: LakeResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Per query, this shard's chunks worth a backward pass: KNN in LanceDB (∪ BM25), or all."""
-    settings, layout, shard = compute.settings(), lake.layout(), context.partition_key
+    settings, layout, shard = compute.settings, lake.layout(), context.partition_key
     encoder = load_sentence_encoder(settings.embedding_model_dir or None, str(settings.torch_device))
     table = select_candidates(layout, shard, tables.read_queries(layout), encoder, settings)
     tables.write_candidates(layout, shard, table)

@@ -1,12 +1,17 @@
 """Dagster resources: where the lake is, what the user brought, and how to compute."""
 
-
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import pydantic
+from pydantic import Field, PrivateAttr
 
+from ..engine import Damping
 from ..lake.layout import LakeLayout
-from ..pipeline.settings import ALL_METHODS, ComputeSettings
+from ..pipeline.models import ModelIds
+from ..pipeline.settings import ComputeSettings
 
 
 class LakeResource(dg.ConfigurableResource):
@@ -27,35 +32,50 @@ class InputsResource(dg.ConfigurableResource):
     finetuned_model: str
     finetune_data: str
     queries: str
+    _model_ids: ModelIds | None = PrivateAttr(default=None)
 
     def path(self, name: str) -> Path:
         return Path(getattr(self, name)).expanduser().resolve()
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._model_ids = None  # resolved on first use, then fixed for the rest of the run
 
-class ComputeResource(dg.ConfigurableResource):
-    """How influence is computed; every field is documented on ``ComputeSettings``."""
+    @property
+    def model_ids(self) -> ModelIds:
+        """The two models' content ids, hashed once per run: every step of a run agrees on them."""
+        if self._model_ids is None:
+            self._model_ids = ModelIds.of(self.path("pretrained_model"), self.path("finetuned_model"))
+        return self._model_ids
 
-    device: str = "auto"
-    dtype: str = "float32"
-    batch_size: int = 8
-    max_chunk_tokens: int = 0
-    labels: str = "sampled"
-    stats_dtype: str = "auto"
-    seed: int = 0
-    split_heads: bool = True
-    scope: str = "all"
-    factor_shards: list[str] = []
-    methods: list[str] = list(ALL_METHODS)
-    dampings: list[str] = ["rel:0.1"]
-    knn_k: int = 20
-    bm25_k: int = 0
-    all_chunks_below: int = 0
-    max_new_tokens: int = 8
-    trust_remote_code: bool = False
-    embedding_model_dir: str = ""
 
+class _ComputeResourceBase(dg.ConfigurableResource):
+    _settings: ComputeSettings = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        self._settings = ComputeSettings.from_config(self.model_dump(), "compute resource")
+
+    @property
     def settings(self) -> ComputeSettings:
-        fields = self.model_dump()
-        for name in ("factor_shards", "methods", "dampings"):
-            fields[name] = tuple(fields[name])
-        return ComputeSettings(**fields)
+        """The validated settings (parsed once, when the resource was built)."""
+        return self._settings
+
+    @classmethod
+    def from_settings(cls, settings: ComputeSettings) -> "ComputeResource":
+        return cls(**settings.to_config())
+
+
+def _config_field(f: dataclasses.Field) -> tuple[type, Any]:
+    default = f.default
+    if isinstance(default, tuple):
+        plain = [d.label if isinstance(d, Damping) else d for d in default]
+        return list[str], Field(default=plain, description=f.metadata["help"])
+    return type(default), Field(default=default, description=f.metadata["help"])
+
+
+# Generated from ComputeSettings' fields (types, defaults, help), so the run config schema the
+# Dagster UI shows is exactly the settings type, with nothing to keep in sync by hand.
+ComputeResource = pydantic.create_model(
+    "ComputeResource", __base__=_ComputeResourceBase, __module__=__name__,
+    __doc__="How influence is computed (``[compute]`` in msif.toml; help on each field).",
+    **{f.name: _config_field(f) for f in dataclasses.fields(ComputeSettings)},
+)

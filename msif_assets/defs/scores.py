@@ -7,6 +7,7 @@ from ..lake import tables
 from ..pipeline.models import load_pair
 from ..pipeline.queries import load_query_vectors
 from ..pipeline.scoring import score_shard
+from ..pipeline.settings import ALL_METHODS
 from .automation import HEAVY_POOL, refresh_on_change, table_version
 from .corpus import SHARDS, doc_chunks
 from .queries import candidates, queries, query_gradients
@@ -20,20 +21,20 @@ GROUP = "influence"
           automation_condition=refresh_on_change(), kinds={"pytorch", "parquet"})
 def influence_scores(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """MS-IF, SS-IF, GDP, RepSim and BM25 scores of this shard's candidates for every query."""
-    settings, layout, shard = compute.settings(), lake.layout(), context.partition_key
-    pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), settings)
-    vectors, _ = load_query_vectors(layout, settings, pair.pt_hash, pair.ft_hash)
+    settings, layout, shard, ids = compute.settings, lake.layout(), context.partition_key, inputs.model_ids
+    pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), ids, settings)
+    vectors = load_query_vectors(layout, settings.gradient_keys, ids)
     table = score_shard(layout, shard, pair, tables.read_queries(layout), vectors, settings)
-    tables.write_scores(layout, pair.ft_hash, shard, table)
+    tables.write_scores(layout, ids.ft, shard, table)
     return dg.MaterializeResult(
-        metadata={"rows": table.num_rows, "ft_model": pair.ft_hash, "pt_model": pair.pt_hash, "top": dg.MetadataValue.md(_preview(table))},
+        metadata={"rows": table.num_rows, "ft_model": ids.ft, "pt_model": ids.pt, "top": dg.MetadataValue.md(_preview(table))},
         data_version=table_version(table, ignore=("computed_at",)),
     )
 
 
 def _preview(table, per_query: int = 3) -> str:
     """Markdown: the top chunks per query under the first influence method present."""
-    methods = [m for m in ("ms-if", "ss-if", "gdp", "repsim", "bm25") if m in set(table.column("method").to_pylist())]
+    methods = [m for m in ALL_METHODS if m in set(table.column("method").to_pylist())]
     if not methods:
         return "(no scores)"
     rows = [r for r in table.to_pylist() if r["method"] == methods[0] and r["rank"] <= per_query]

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from msif_assets.demo.atomic import atomic_directory, write_json_atomic
+from msif_assets.lake.atomic import atomic_directory, atomic_write_json
 from msif_assets.demo.world import World, WorldConfig, generate_world
 from msif_assets.demo.world_io import load_world, save_world
 
@@ -144,7 +144,7 @@ def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | Non
             metrics = body()
             steps[step] = {"hash": hashes[step], "seconds": round(time.perf_counter() - started, 3),
                            "metrics": metrics}
-            write_json_atomic(out / MANIFEST, {"steps": steps, "world_config": world_cfg.to_dict(),
+            atomic_write_json(out / MANIFEST, {"steps": steps, "world_config": world_cfg.to_dict(),
                                                 "train_config": train_cfg.to_dict()})
             ran.append(step)
 

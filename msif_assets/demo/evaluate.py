@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -12,6 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from msif_assets.demo.device import pick_device, torch_threads
+from msif_assets.engine.generation import greedy_token_ids
+from msif_assets.engine.metrics import relative_distance
 
 
 def _field(row: Any, name: str) -> str:
@@ -21,7 +22,6 @@ def _field(row: Any, name: str) -> str:
     return value
 
 
-@torch.no_grad()
 def greedy_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -29,39 +29,10 @@ def greedy_completions(
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> list[list[int]]:
-    """Greedy continuation token ids of each prompt, cut before the first ``<eos>``.
-
-    Prompts are left-padded; positions are counted from each prompt's first real token so a
-    padded prompt sees exactly the positions it would see alone.
-    """
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(encoded):
-            ids[row, width - len(e):] = torch.tensor(e)
-            mask[row, width - len(e):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        generated = torch.empty((len(encoded), 0), dtype=torch.long, device=device)
-        done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-            nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-            generated = torch.cat([generated, nxt[:, None]], dim=1)
-            done |= nxt == eos
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], dim=1)
-            if bool(done.all()):
-                break
-        for row in generated.tolist():
-            out.append(row[: row.index(eos)] if eos in row else row)
-    return out
+    """Greedy continuation token ids of each prompt (encoded with the tokenizer's ``<bos>``),
+    cut before the first ``<eos>``; see :func:`msif_assets.engine.generation.greedy_token_ids`."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    return greedy_token_ids(model, encoded, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size)
 
 
 def qa_exact_match(
@@ -111,6 +82,4 @@ def relative_param_distance(pt_dir: str | os.PathLike, ft_dir: str | os.PathLike
     shared = [k for k in pt if k in ft and pt[k].shape == ft[k].shape and pt[k].is_floating_point()]
     if not shared:
         raise ValueError(f"{pt_dir} and {ft_dir} share no weights of equal shape")
-    diff = sum(float((ft[k].double() - pt[k].double()).pow(2).sum()) for k in shared)
-    base = sum(float(pt[k].double().pow(2).sum()) for k in shared)
-    return math.sqrt(diff) / math.sqrt(base)
+    return relative_distance({k: pt[k] for k in shared}, {k: ft[k] for k in shared})

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from msif_assets.demo.atomic import atomic_directory
+from msif_assets.lake.atomic import atomic_directory
 from msif_assets.demo.world import World
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"

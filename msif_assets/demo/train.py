@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
 
-from msif_assets.demo.atomic import atomic_directory
+from msif_assets.lake.atomic import atomic_directory
 from msif_assets.demo.device import pick_device, torch_threads
 from msif_assets.demo.evaluate import evaluate_qa, relative_param_distance  # noqa: F401  (public API)
 from msif_assets.demo.sequences import Example, collate, document_example, length_bucketed_batches, qa_example

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from msif_assets.demo.atomic import write_json_atomic, write_jsonl_atomic
+from msif_assets.lake.atomic import atomic_write_json, atomic_write_jsonl
 from msif_assets.demo.world import DOC_KINDS, Document, Entity, QAPair, World, WorldConfig
 
 FORMAT_VERSION = 1
@@ -35,7 +35,7 @@ def save_world(world: World, directory: str | os.PathLike) -> Path:
     keep = set()
     for shard in range(world.config.n_shards):
         keep.add(shard_filename(shard))
-        write_jsonl_atomic(corpus / shard_filename(shard), (
+        atomic_write_jsonl(corpus / shard_filename(shard), (
             {"doc_id": d.doc_id, "text": d.text, "kind": d.kind, "shard": d.shard,
              "facts": [list(f) for f in d.facts]}
             for d in world.shard_documents(shard)
@@ -43,17 +43,17 @@ def save_world(world: World, directory: str | os.PathLike) -> Path:
     for stale in corpus.glob("shard-*.jsonl"):
         if stale.name not in keep:
             stale.unlink()
-    write_jsonl_atomic(root / "finetune.jsonl", (
+    atomic_write_jsonl(root / "finetune.jsonl", (
         {"prompt": q.prompt, "completion": q.completion, "entity_id": q.entity_id, "relation": q.relation}
         for q in world.finetune
     ))
-    write_jsonl_atomic(root / "queries.jsonl", (
+    atomic_write_jsonl(root / "queries.jsonl", (
         {"query_id": q.query_id, "prompt": q.prompt, "completion": q.completion,
          "entity_id": q.entity_id, "relation": q.relation}
         for q in world.queries
     ))
-    write_jsonl_atomic(root / "gold.jsonl", ({"query_id": q, "doc_id": d} for q, d in world.gold))
-    write_json_atomic(root / "world.json", {
+    atomic_write_jsonl(root / "gold.jsonl", ({"query_id": q, "doc_id": d} for q, d in world.gold))
+    atomic_write_json(root / "world.json", {
         "format_version": FORMAT_VERSION,
         "config": world.config.to_dict(),
         "entities": [

@@ -24,7 +24,7 @@ BM25
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,77 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from msif_assets.engine.batching import LMBatch
 from msif_assets.engine.metrics import rank_by_score
 
 __all__ = [
     "BM25Index",
     "RepSimLayer",
-    "TokenBatch",
     "mean_pooled_hidden_states",
-    "pad_batches",
     "representation_similarity",
 ]
 
 RepSimLayer = Literal["final_norm", "last_block"]
-
-
-# ---------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class TokenBatch:
-    """Right-padded token ids ``input_ids`` (B, T) with ``attention_mask`` (B, T).
-
-    Both int64. The mask is 1 on real tokens and 0 on padding; every row is a run of 1s
-    followed by 0s (right padding) with at least one real token.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def __post_init__(self) -> None:
-        ids, mask = self.input_ids, self.attention_mask
-        if ids.dtype != torch.long or mask.dtype != torch.long:
-            raise TypeError(
-                f"input_ids and attention_mask must be int64 (torch.long); got {ids.dtype} and {mask.dtype}"
-            )
-        if ids.ndim != 2 or ids.shape != mask.shape:
-            raise ValueError(
-                f"input_ids and attention_mask must both be (B, T); got {tuple(ids.shape)} and {tuple(mask.shape)}"
-            )
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"empty batch of shape {tuple(ids.shape)}")
-        if not torch.all((mask == 0) | (mask == 1)):
-            raise ValueError("attention_mask must contain only 0 and 1")
-        if not torch.all(mask[:, 0] == 1):
-            raise ValueError("every row must start with a real token (right padding, at least one token per row)")
-        if not torch.all(mask[:, 1:] <= mask[:, :-1]):
-            raise ValueError("attention_mask is not right-padded (a 1 follows a 0 in some row)")
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-def pad_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int) -> Iterator[TokenBatch]:
-    """Split ``sequences`` into consecutive batches of ``batch_size``, right-padded with ``pad_id``.
-
-    Each batch is padded to its own longest sequence; order is preserved.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for i, seq in enumerate(sequences):
-        if len(seq) == 0:
-            raise ValueError(f"sequence {i} is empty")
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        yield TokenBatch(ids, mask)
 
 
 # ----------------------------------------------------------------------- RepSim
@@ -122,15 +62,20 @@ def _last_block(base: nn.Module) -> nn.Module:
 
 
 def mean_pooled_hidden_states(
-    model: nn.Module, batches: Iterable[TokenBatch], *, layer: RepSimLayer = "final_norm"
+    model: nn.Module, batches: Iterable[LMBatch], *, layer: RepSimLayer = "final_norm"
 ) -> torch.Tensor:
     """Mean over non-padding tokens of the last-block hidden states, one row per sequence.
+
+    ``batches`` are :class:`~msif_assets.engine.batching.LMBatch` es, e.g. from
+    ``make_batches(examples, batch_size, pad_id)``: row ``i`` of the result is the example
+    with ``index == i`` (the batches' ``index`` values must be exactly ``0 .. N-1``), so the
+    order of the batches and of their rows changes nothing. Only ``input_ids`` and
+    ``attention_mask`` are read (target masks and labels are ignored).
 
     ``model`` is any Hugging Face transformer (``*ForCausalLM``,
     ``*ForSequenceClassification`` or a bare base model); its ``base_model`` is run, so no
     head is involved. Runs under ``torch.no_grad()`` in eval mode (the model's mode is
-    restored afterwards), on the model's device. Returns float64 (N, d) on the CPU,
-    N = total rows over ``batches``.
+    restored afterwards), on the model's device. Returns float64 (N, d) on the CPU.
     """
     if layer not in ("final_norm", "last_block"):
         raise ValueError(f"layer must be 'final_norm' or 'last_block', got {layer!r}")
@@ -148,11 +93,13 @@ def mean_pooled_hidden_states(
     was_training = model.training
     model.eval()
     pooled: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     try:
         with torch.no_grad():
             for batch in batches:
-                if not isinstance(batch, TokenBatch):
-                    raise TypeError(f"expected TokenBatch, got {type(batch).__name__}")
+                if not isinstance(batch, LMBatch):
+                    raise TypeError(f"expected LMBatch, got {type(batch).__name__}")
+                rows.append(batch.index.reshape(-1).cpu())
                 mask = batch.attention_mask.to(device)
                 out = base(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
                 hidden = captured.pop() if hook is not None else out.last_hidden_state
@@ -165,7 +112,13 @@ def mean_pooled_hidden_states(
         model.train(was_training)
     if not pooled:
         raise ValueError("no batches given")
-    return torch.cat(pooled, dim=0)
+    index = torch.cat(rows)
+    if not torch.equal(index.sort().values, torch.arange(index.numel())):
+        raise ValueError("the batches' index values must be 0 .. N-1, each exactly once")
+    values = torch.cat(pooled, dim=0)
+    out = torch.empty_like(values)
+    out[index] = values
+    return out
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -176,8 +129,8 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 def representation_similarity(
     pt_model: nn.Module,
     ft_model: nn.Module,
-    candidate_batches: Iterable[TokenBatch],
-    query_batches: Iterable[TokenBatch],
+    candidate_batches: Iterable[LMBatch],
+    query_batches: Iterable[LMBatch],
     *,
     layer: RepSimLayer = "final_norm",
 ) -> torch.Tensor:

@@ -62,14 +62,6 @@ class Eigenbasis:
     split_heads: bool
 
 
-def block_diagonal_part(matrix: torch.Tensor, blocks: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """Zero every entry of ``matrix`` (m, m) outside the diagonal (start, stop) blocks."""
-    out = torch.zeros_like(matrix)
-    for start, stop in blocks:
-        out[start:stop, start:stop] = matrix[start:stop, start:stop]
-    return out
-
-
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     matrix = 0.5 * (matrix + matrix.T)  # exact symmetry before eigh
     values, vectors = torch.linalg.eigh(matrix.double())
@@ -135,12 +127,12 @@ class EkfacFactors:
             for key, source in (("q_a", b.q_a), ("eig_a", b.eig_a), ("q_s", b.q_s), ("eig_s", b.eig_s), ("lambda", self.lambdas)):
                 tensors[f"{name}::{key}"] = source[name].contiguous().cpu()
         meta = {k: json.dumps(v) for k, v in asdict(self.metadata).items()}
-        meta["specs"] = json.dumps([asdict(s) for s in self.specs])
+        meta["specs"] = specs_to_json(self.specs)
         return tensors, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "EkfacFactors":
-        specs = [_spec_from_json(s) for s in json.loads(meta["specs"])]
+        specs = specs_from_json(meta["specs"])
         fields = {k: json.loads(v) for k, v in meta.items() if k != "specs"}
         fields["modules"] = tuple(fields.get("modules", ()))
         metadata = FactorMetadata(**fields)
@@ -149,10 +141,17 @@ class EkfacFactors:
         return cls(specs, basis, pick("lambda"), metadata)
 
 
-def _spec_from_json(raw: dict) -> ModuleSpec:
-    blocks = raw.get("head_blocks")
-    raw = {**raw, "head_blocks": None if blocks is None else tuple(tuple(b) for b in blocks)}
-    return ModuleSpec(**raw)
+def specs_to_json(specs: list[ModuleSpec]) -> str:
+    """Module specs as stored in factor and statistics files, so later steps need no model."""
+    return json.dumps([asdict(s) for s in specs])
+
+
+def specs_from_json(text: str) -> list[ModuleSpec]:
+    def spec(raw: dict) -> ModuleSpec:
+        blocks = raw.get("head_blocks")
+        return ModuleSpec(**{**raw, "head_blocks": None if blocks is None else tuple(tuple(b) for b in blocks)})
+
+    return [spec(raw) for raw in json.loads(text)]
 
 
 def assemble_factors(

@@ -9,12 +9,12 @@ from itertools import accumulate
 from typing import Sequence
 
 import torch
-from scipy import stats
 from torch import nn
 
 from .batching import LMExample
 from .exact import exact_ggn, exact_influence, flatten_gradients
 from .influence import FactorArgs, fit_factors, preconditioned_queries, score_examples, sequence_gradients
+from .metrics import pearson, spearman
 from .modules import discover_modules
 from .precondition import Damping
 
@@ -29,7 +29,8 @@ class FidelityRow:
 
 
 def _mean_correlation(pred: torch.Tensor, truth: torch.Tensor, fn) -> float:
-    values = [fn(pred[:, q].numpy(), truth[:, q].numpy())[0] for q in range(truth.shape[1])]
+    """Mean over queries (columns) of ``fn(pred[:, q], truth[:, q])``; NaN if any query's is."""
+    values = [fn(pred[:, q], truth[:, q]) for q in range(truth.shape[1])]
     return float(sum(values) / len(values))
 
 
@@ -97,4 +98,4 @@ def _module_blocks(ggn: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 def _row(method: str, damping: float, pred: torch.Tensor, truth: torch.Tensor, seconds: float) -> FidelityRow:
     pred, truth = pred.double().cpu(), truth.double().cpu()
-    return FidelityRow(method, damping, _mean_correlation(pred, truth, stats.spearmanr), _mean_correlation(pred, truth, stats.pearsonr), seconds)
+    return FidelityRow(method, damping, _mean_correlation(pred, truth, spearman), _mean_correlation(pred, truth, pearson), seconds)

@@ -1,9 +1,9 @@
 """Evaluation metrics for the paper's analyses (METHOD.md, "Analyses").
 
-* Fact tracing: reciprocal rank / MRR and Recall@k in both common definitions.
+* Fact tracing: reciprocal rank and Recall@k in both common definitions (per query; the
+  pipeline averages them).
 * Ranking: :func:`rank_by_score` with deterministic tie-breaking.
-* Fidelity: Spearman / Pearson of approximate scores against a ground truth, either
-  over all (candidate, query) pairs at once ("flattened") or per query then averaged.
+* Fidelity: Spearman / Pearson of approximate scores against a ground truth.
 * Euclidean proximity of two parameter sets, ``‖a − b‖₂ / ‖a‖₂``.
 * The share of |influence| carried by MLP vs attention modules.
 
@@ -14,22 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import stats
 
 __all__ = [
-    "CorrelationRow",
-    "FactTracingSummary",
-    "RankCorrelation",
-    "correlation_report",
-    "fact_tracing_summary",
     "influence_share",
-    "mean_reciprocal_rank",
     "pearson",
-    "per_query_rank_correlation",
     "rank_by_score",
     "recall_at_k_any",
     "recall_at_k_fraction",
@@ -89,15 +81,6 @@ def reciprocal_rank(ranked_ids: Sequence[str], gold: set[str]) -> float:
     return 0.0
 
 
-def mean_reciprocal_rank(rankings: Sequence[Sequence[str]], golds: Sequence[set[str]]) -> float:
-    """Mean of :func:`reciprocal_rank` over queries (one ranking and one gold set each)."""
-    if len(rankings) != len(golds):
-        raise ValueError(f"{len(rankings)} rankings but {len(golds)} gold sets")
-    if not rankings:
-        raise ValueError("no queries")
-    return float(np.mean([reciprocal_rank(r, g) for r, g in zip(rankings, golds)]))
-
-
 def recall_at_k_any(ranked_ids: Sequence[str], gold: set[str], k: int = 10) -> float:
     """"Any" Recall@k: 1.0 if at least one gold id is in the top ``k``, else 0.0."""
     _check_ranking(ranked_ids, gold)
@@ -117,43 +100,6 @@ def recall_at_k_fraction(ranked_ids: Sequence[str], gold: set[str], k: int = 10)
         raise ValueError(f"k must be >= 1, got {k}")
     hits = sum(1 for doc_id in ranked_ids[:k] if doc_id in gold)
     return hits / len(gold)
-
-
-@dataclass(frozen=True)
-class FactTracingSummary:
-    """Fact-tracing metrics averaged over ``n_queries`` queries."""
-
-    mrr: float
-    recall_any: float
-    recall_fraction: float
-    k: int
-    n_queries: int
-
-    def __post_init__(self) -> None:
-        for name in ("mrr", "recall_any", "recall_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        if self.k < 1 or self.n_queries < 1:
-            raise ValueError("k and n_queries must be >= 1")
-
-
-def fact_tracing_summary(
-    rankings: Sequence[Sequence[str]], golds: Sequence[set[str]], k: int = 10
-) -> FactTracingSummary:
-    """MRR and both Recall@k variants, each averaged over queries."""
-    if len(rankings) != len(golds):
-        raise ValueError(f"{len(rankings)} rankings but {len(golds)} gold sets")
-    if not rankings:
-        raise ValueError("no queries")
-    pairs = list(zip(rankings, golds))
-    return FactTracingSummary(
-        mrr=mean_reciprocal_rank(rankings, golds),
-        recall_any=float(np.mean([recall_at_k_any(r, g, k) for r, g in pairs])),
-        recall_fraction=float(np.mean([recall_at_k_fraction(r, g, k) for r, g in pairs])),
-        k=k,
-        n_queries=len(pairs),
-    )
 
 
 # ------------------------------------------------------------------ correlations
@@ -191,86 +137,6 @@ def pearson(x: object, y: object) -> float:
     if _is_constant(a) or _is_constant(b):
         return math.nan
     return float(stats.pearsonr(a, b).statistic)
-
-
-@dataclass(frozen=True)
-class CorrelationRow:
-    """One row of a fidelity table: ``method`` scores vs the ground truth over ``n`` pairs."""
-
-    method: str
-    spearman: float
-    pearson: float
-    n: int
-
-    def __post_init__(self) -> None:
-        if not self.method:
-            raise ValueError("method name must be non-empty")
-        if self.n < 2:
-            raise ValueError(f"n must be >= 2, got {self.n}")
-
-
-def correlation_report(pred: Mapping[str, object], truth: object) -> list[CorrelationRow]:
-    """Flattened Spearman/Pearson of each method's scores against ``truth``.
-
-    ``pred[method]`` must have the same shape as ``truth`` (e.g. (N, Q)); both are
-    flattened, so each (candidate, query) pair is one observation. Rows follow the
-    mapping's order.
-    """
-    truth_arr = _as_float_array(truth, "truth")
-    rows = []
-    for method, scores in pred.items():
-        arr = _as_float_array(scores, f"pred[{method!r}]")
-        if arr.shape != truth_arr.shape:
-            raise ValueError(f"pred[{method!r}] has shape {arr.shape}, truth has {truth_arr.shape}")
-        rows.append(CorrelationRow(method, spearman(arr, truth_arr), pearson(arr, truth_arr), arr.size))
-    return rows
-
-
-@dataclass(frozen=True)
-class RankCorrelation:
-    """Agreement of (N, Q) predicted scores with (N, Q) true scores.
-
-    ``*_per_query``: correlation over the N candidates of each query, averaged over the
-    queries where it is defined (``n_valid_queries``; a query whose column is constant in
-    either input is skipped, and the mean is NaN if none is valid).
-    ``*_flat``: one correlation over all N·Q pairs (mixes between-query scale differences
-    into the number, which per-query averaging does not).
-    """
-
-    spearman_per_query: float
-    pearson_per_query: float
-    spearman_flat: float
-    pearson_flat: float
-    n_candidates: int
-    n_queries: int
-    n_valid_queries: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.n_valid_queries <= self.n_queries:
-            raise ValueError("n_valid_queries must lie in [0, n_queries]")
-
-
-def per_query_rank_correlation(pred: object, truth: object) -> RankCorrelation:
-    """Per-query-averaged and flattened Spearman/Pearson of ``pred`` (N, Q) vs ``truth`` (N, Q)."""
-    p = _as_float_array(pred, "pred")
-    t = _as_float_array(truth, "truth")
-    if p.ndim != 2 or p.shape != t.shape:
-        raise ValueError(f"pred and truth must both be (N, Q); got {p.shape} and {t.shape}")
-    n, q = p.shape
-    if n < 2:
-        raise ValueError(f"need at least 2 candidates per query, got {n}")
-    rho = np.array([spearman(p[:, j], t[:, j]) for j in range(q)])
-    r = np.array([pearson(p[:, j], t[:, j]) for j in range(q)])
-    valid = ~np.isnan(rho)
-    return RankCorrelation(
-        spearman_per_query=float(rho[valid].mean()) if valid.any() else math.nan,
-        pearson_per_query=float(r[valid].mean()) if valid.any() else math.nan,
-        spearman_flat=spearman(p, t),
-        pearson_flat=pearson(p, t),
-        n_candidates=n,
-        n_queries=q,
-        n_valid_queries=int(valid.sum()),
-    )
 
 
 # ------------------------------------------------------------- parameter geometry

@@ -120,11 +120,3 @@ def weight_matrix(module: nn.Module, spec: ModuleSpec) -> torch.Tensor:
     if spec.has_bias:
         return torch.cat([weight, module.bias[:, None]], dim=1)
     return weight
-
-
-def parameter_gradient(module: nn.Module, spec: ModuleSpec) -> torch.Tensor:
-    """``.grad`` of a module's parameters as one ``(d_out, d_in)`` matrix (reference computations)."""
-    weight = module.weight.grad.T if spec.transposed else module.weight.grad
-    if spec.has_bias:
-        return torch.cat([weight, module.bias.grad[:, None]], dim=1)
-    return weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,8 +22,8 @@ class Damping:
     def __post_init__(self) -> None:
         if self.mode not in ("absolute", "relative"):
             raise ValueError(f"damping mode={self.mode!r}; choose 'absolute' or 'relative'")
-        if not self.value > 0:
-            raise ValueError(f"damping value must be > 0, got {self.value}")
+        if not (self.value > 0 and math.isfinite(self.value)):
+            raise ValueError(f"damping value must be finite and > 0, got {self.value}")
 
     def resolve(self, lambdas: torch.Tensor) -> float:
         return float(self.value * lambdas.mean()) if self.mode == "relative" else float(self.value)
@@ -36,9 +37,13 @@ class Damping:
         """``"rel:0.1"`` / ``"abs:1e-3"``."""
         mode, _, value = text.partition(":")
         modes = {"rel": "relative", "relative": "relative", "abs": "absolute", "absolute": "absolute"}
-        if mode not in modes or not value:
-            raise ValueError(f"damping {text!r}: write 'rel:<alpha>' or 'abs:<lambda>'")
-        return cls(modes[mode], float(value))
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if mode not in modes or number is None:
+            raise ValueError(f"damping {text!r}: write 'rel:<alpha>' or 'abs:<lambda>', e.g. 'rel:0.1' or 'abs:1e-3'")
+        return cls(modes[mode], number)
 
 
 def precondition(

@@ -4,27 +4,32 @@ Files are written to a temporary name in the same directory (ending in ``.tmp``,
 no ``*.parquet`` / ``*.safetensors`` glob ever matches it), flushed, fsynced and then
 moved over the target with ``os.replace`` (atomic on POSIX within one filesystem).
 
-Directories (a table partition) are filled in a staging directory and then swapped
-in. On Linux the swap is a single ``renameat2(RENAME_EXCHANGE)`` call, so the target
+Directories (a table partition, a saved model) are filled in a staging directory and
+then swapped in. On Linux the swap is a single ``renameat2(RENAME_EXCHANGE)`` call, so the target
 path always exists; elsewhere the old directory is renamed aside first and the new
 one renamed in (a reader may briefly find the partition missing, never half-written).
-If the fill callback raises, the staging directory is removed and the old target is
-untouched. Re-running replaces; it never appends.
+If the fill callback (or the body of an ``atomic_directory`` block) raises, the staging
+directory is removed and the old target is untouched. Re-running replaces; it never appends.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 __all__ = [
+    "atomic_directory",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_jsonl",
     "atomic_write_text",
     "replace_directory",
 ]
@@ -93,6 +98,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     return atomic_write_bytes(path, text.encode(encoding))
 
 
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Atomically replace ``path`` with ``obj`` as indented, key-sorted JSON plus a newline."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Atomically replace ``path`` with one JSON object per line (non-ASCII kept as is)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -135,6 +150,34 @@ def _swap_in(staged: Path, target: Path, aside: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+@contextmanager
+def atomic_directory(
+    target: str | os.PathLike[str], staging_dir: str | os.PathLike[str] | None = None
+) -> Iterator[Path]:
+    """Yield an empty staging directory; when the block exits cleanly it is swapped in as ``target``.
+
+    ``staging_dir`` (default: ``target``'s parent) must be on the same filesystem as
+    ``target``; the staging entries are hidden (``.<name>.<token>.new``). If the block
+    raises, the staging directory is removed and nothing at ``target`` changes.
+    """
+    target_path = Path(target)
+    staging = target_path.parent if staging_dir is None else Path(staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    staged = staging / f".{target_path.name}.{token}.new"
+    aside = staging / f".{target_path.name}.{token}.old"
+    staged.mkdir()
+    try:
+        yield staged
+        _fsync_tree(staged)
+        _swap_in(staged, target_path, aside)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    _fsync_dir(target_path.parent)
+
+
 def replace_directory(
     target: str | os.PathLike[str],
     fill: Callable[[Path], None],
@@ -146,20 +189,6 @@ def replace_directory(
     that readers use (the lake uses ``<root>/.staging``). On an exception inside
     ``fill`` nothing at ``target`` changes.
     """
-    target_path = Path(target)
-    staging = Path(staging_dir)
-    staging.mkdir(parents=True, exist_ok=True)
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    staged = staging / f"{target_path.name}.{token}.new"
-    aside = staging / f"{target_path.name}.{token}.old"
-    staged.mkdir()
-    try:
+    with atomic_directory(target, staging_dir) as staged:
         fill(staged)
-        _fsync_tree(staged)
-        _swap_in(staged, target_path, aside)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    _fsync_dir(target_path.parent)
-    return target_path
+    return Path(target)

@@ -11,12 +11,9 @@ from ..engine import LMExample, document_example
 from ..engine.chunking import chunk_documents
 from ..lake import tables
 from ..lake.embeddings import encode_texts
-from ..lake.inputs import corpus_reject_source, read_corpus_shard, shard_key_from_path
+from ..lake.inputs import CORPUS_SUFFIXES, corpus_reject_source, read_corpus_shard, shard_key_from_path
 from ..lake.layout import LakeLayout
 from ..lake.vectors import ChunkVectorStore, with_vectors
-
-CORPUS_SUFFIXES = (".jsonl", ".parquet", ".txt")
-
 
 def inbox_shards(inbox: str | Path) -> dict[str, list[Path]]:
     """Shard key → its files in the inbox (one file = one shard; the key is the file stem)."""

@@ -45,14 +45,15 @@ from ..engine.metrics import rank_by_score, recall_at_k_any, recall_at_k_fractio
 from ..lake import tables
 from ..lake.atomic import atomic_write
 from ..lake.layout import LakeLayout
+from .models import ModelIds
 from .queries import query_texts
+from .settings import ScoreKey
 
 PROTOCOLS = ("full", "rerank")
 RANKING_TABLES = {p: f"fact_tracing_{p}" for p in PROTOCOLS}
 SUMMARY_METRICS = {"mrr": "reciprocal_rank", "recall_any_at_10": "recall_any_at_10",
                    "recall_frac_at_10": "recall_frac_at_10", "mean_candidates": "n_candidates"}  # metric: mean of column
 K = 10
-MethodKey = tuple[str, "str | None", "float | None"]  # (method, damping_kind, damping)
 
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
@@ -68,18 +69,15 @@ def document_scores(chunk_scores: pa.Table) -> pa.Table:
     return out.rename_columns([*keys, "score"]).sort_by([(k, "ascending") for k in keys])
 
 
-def _key_order(key: MethodKey) -> tuple:
-    return key[0], key[1] or "", -1.0 if key[2] is None else key[2]
-
-
-def score_lookup(doc_scores: pa.Table) -> tuple[dict[str, dict[MethodKey, dict[str, float]]], list[MethodKey]]:
-    """``{query_id: {(method, kind, damping): {doc_id: score}}}`` and the method keys present."""
-    lookup: dict[str, dict[MethodKey, dict[str, float]]] = {}
+def score_lookup(doc_scores: pa.Table) -> tuple[dict[str, dict[ScoreKey, dict[str, float]]], list[ScoreKey]]:
+    """``{query_id: {score key: {doc_id: score}}}`` and the score keys present."""
+    lookup: dict[str, dict[ScoreKey, dict[str, float]]] = {}
     cols = [doc_scores.column(c).to_pylist() for c in ("query_id", "doc_id", "method", "damping_kind", "damping", "score")]
+    keys: dict[tuple, ScoreKey] = {}
     for qid, doc, method, kind, damping, score in zip(*cols):
-        lookup.setdefault(qid, {}).setdefault((method, kind, damping), {})[doc] = score
-    keys = sorted({k for by_key in lookup.values() for k in by_key}, key=_key_order)
-    return lookup, keys
+        key = keys.get((method, kind, damping)) or keys.setdefault((method, kind, damping), ScoreKey.from_columns(method, kind, damping))
+        lookup.setdefault(qid, {}).setdefault(key, {})[doc] = score
+    return lookup, sorted(set(keys.values()), key=lambda k: k.order)
 
 
 @dataclass(frozen=True)
@@ -196,10 +194,9 @@ def fact_tracing(doc_scores: pa.Table, queries: pa.Table, doc_texts: Mapping[str
                       "n_bm25": len(pool.bm25), "n_same_answer": len(pool.same_answer), "n_random": len(pool.random),
                       "n_pool": len(pool.members), "n_eligible": pool.n_eligible, "seed": config.seed,
                       "ft_model": ft_model, "computed_at": now})
-        for method, kind, damping in keys:
-            base = {"query_id": q["query_id"], "method": method, "damping_kind": kind, "damping": damping,
-                    "ft_model": ft_model, "computed_at": now}
-            scores = by_key.get((method, kind, damping), {})
+        for key in keys:
+            base = {"query_id": q["query_id"], **key.columns, "ft_model": ft_model, "computed_at": now}
+            scores = by_key.get(key, {})
             for protocol, members in (("full", eligible), ("rerank", pool.members)):
                 rows[protocol].append({**base, **rank_metrics(scores, members, q["gold"])})
     rankings = {p: pa.Table.from_pylist(rows[p], schema=tables.EVAL_RANKING.schema) for p in PROTOCOLS}
@@ -211,31 +208,27 @@ def summarize(rankings: Mapping[str, pa.Table], ft_model: str, computed_at: dt.d
     """EVAL_SUMMARY rows: per protocol, method and damping the mean of each metric over queries."""
     out = []
     for protocol, table in rankings.items():
-        groups: dict[MethodKey, list[dict]] = {}
+        groups: dict[ScoreKey, list[dict]] = {}
         for r in table.to_pylist():
-            groups.setdefault((r["method"], r["damping_kind"], r["damping"]), []).append(r)
-        for (method, kind, damping), group in sorted(groups.items(), key=lambda kv: _key_order(kv[0])):
+            groups.setdefault(ScoreKey.from_columns(r["method"], r["damping_kind"], r["damping"]), []).append(r)
+        for key, group in sorted(groups.items(), key=lambda kv: kv[0].order):
             for metric, column in SUMMARY_METRICS.items():
-                out.append({"method": method, "damping": damping, "damping_kind": kind, "metric": f"{protocol}/{metric}",
+                out.append({**key.columns, "metric": f"{protocol}/{metric}",
                             "value": sum(r[column] for r in group) / len(group), "n_queries": len(group),
                             "ft_model": ft_model, "computed_at": computed_at})
     return pa.Table.from_pylist(out, schema=tables.EVAL_SUMMARY.schema)
 
 
-def damping_label(kind: str | None, damping: float | None) -> str:
-    return "—" if damping is None else f"{(kind or '')[:3]}:{damping:g}"
-
-
 def summary_markdown(summary: pa.Table) -> str:
     """One row per method/damping; columns protocol × (MRR, R@10 any, R@10 fraction)."""
-    cells: dict[tuple, dict[str, float]] = {}
+    cells: dict[ScoreKey, dict[str, float]] = {}
     for r in summary.to_pylist():
-        cells.setdefault((r["method"], r["damping_kind"], r["damping"]), {})[r["metric"]] = r["value"]
+        cells.setdefault(ScoreKey.from_columns(r["method"], r["damping_kind"], r["damping"]), {})[r["metric"]] = r["value"]
     cols = [f"{p}/{m}" for p in PROTOCOLS for m in list(SUMMARY_METRICS)[:3]]
     lines = ["| method | damping | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for (method, kind, damping), vals in sorted(cells.items(), key=lambda kv: _key_order(kv[0])):
+    for key, vals in sorted(cells.items(), key=lambda kv: kv[0].order):
         values = " | ".join(f"{vals.get(c, float('nan')):.3f}" for c in cols)
-        lines.append(f"| {method} | {damping_label(kind, damping)} | {values} |")
+        lines.append(f"| {key.method} | {key.damping_label} | {values} |")
     return "\n".join(lines)
 
 
@@ -283,13 +276,13 @@ def load_doc_texts(layout: LakeLayout) -> dict[str, str]:
     return texts
 
 
-def load_chunk_scores(layout: LakeLayout, pt_model: str, ft_model: str) -> pa.Table:
+def load_chunk_scores(layout: LakeLayout, ids: ModelIds) -> pa.Table:
     """Every influence row of the current model pair, through the DuckDB catalog."""
     from ..lake.catalog import Catalog
 
     with Catalog.open(layout.root) as catalog:
         return catalog.query(
             "SELECT query_id, doc_id, chunk_id, method, damping_kind, damping, score, score_mlp, score_attn "
-            "FROM influence WHERE ft_model = $ft AND pt_model = $pt", {"ft": ft_model, "pt": pt_model})
+            "FROM influence WHERE ft_model = $ft AND pt_model = $pt", {"ft": ids.ft, "pt": ids.pt})
 
 

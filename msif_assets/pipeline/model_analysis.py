@@ -15,7 +15,7 @@ from torch import nn
 
 from ..engine.metrics import influence_share, relative_distance
 from ..engine.modules import ModuleSpec, weight_matrix
-from .evaluation import MethodKey, _key_order
+from .settings import ScoreKey
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,19 @@ def influence_shares(chunk_scores: pa.Table, param_counts: Mapping[str, int]) ->
     """Per method and damping, the share of Σ|score_mlp| vs Σ|score_attn| over all scored
     (query, chunk) pairs (group totals per pair: modules within a group may cancel), next to
     the parameter share of the tracked MLP vs attention modules."""
-    groups: dict[MethodKey, tuple[list, list]] = {}
+    groups: dict[ScoreKey, tuple[list, list]] = {}
     cols = [chunk_scores.column(c).to_pylist() for c in ("method", "damping_kind", "damping", "score_mlp", "score_attn")]
     for method, kind, damping, mlp, attn in zip(*cols):
         if mlp is not None and attn is not None:
-            pair = groups.setdefault((method, kind, damping), ([], []))
+            pair = groups.setdefault(ScoreKey.from_columns(method, kind, damping), ([], []))
             pair[0].append(mlp)
             pair[1].append(attn)
     out = []
-    for (method, kind, damping), (mlp, attn) in sorted(groups.items(), key=lambda kv: _key_order(kv[0])):
+    for key, (mlp, attn) in sorted(groups.items(), key=lambda kv: kv[0].order):
         if not any(mlp) and not any(attn):
             continue
         share = influence_share(mlp, attn, param_counts["mlp"], param_counts["attn"])
-        out.append({"method": method, "damping_kind": kind, "damping": damping, "n_pairs": len(mlp), **share,
+        out.append({**key.columns, "n_pairs": len(mlp), **share,
                     "param_count_mlp": param_counts["mlp"], "param_count_attn": param_counts["attn"]})
     return out
 

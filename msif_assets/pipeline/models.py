@@ -1,4 +1,5 @@
-"""Loading the two models once per step, with the compatibility check before any compute."""
+"""Model identity and loading: content ids resolved once per run, both models loaded once per
+step, and the compatibility check from configs before any compute."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ from ..lake.models import LoadedModel, fingerprint_model_dir, load_causal_lm, lo
 from .settings import ComputeSettings
 
 
-def short_hash(fingerprint: str) -> str:
-    """The partition key of a model: the first 16 hex digits of its content hash."""
-    return fingerprint[:16]
+@dataclass(frozen=True)
+class ModelIds:
+    """The two models' content ids: the first 16 hex digits of each directory's content hash.
+    They key every factor, query-gradient and score file, and fill the ``pt_model``/``ft_model``
+    columns."""
+
+    pt: str
+    ft: str
+
+    @classmethod
+    def of(cls, pt_dir: str | Path, ft_dir: str | Path) -> "ModelIds":
+        return cls(fingerprint_model_dir(pt_dir)[:16], fingerprint_model_dir(ft_dir)[:16])
 
 
 @dataclass
@@ -20,8 +30,7 @@ class ModelPair:
     pt: LoadedModel
     ft: LoadedModel
     specs: list[ModuleSpec]
-    pt_hash: str
-    ft_hash: str
+    ids: ModelIds
 
 
 def load_pretrained(path: str | Path, settings: ComputeSettings) -> LoadedModel:
@@ -32,23 +41,10 @@ def load_finetuned(path: str | Path, settings: ComputeSettings) -> LoadedModel:
     return load_model_for_finetune(path, settings.torch_dtype, str(settings.torch_device), settings.trust_remote_code)
 
 
-def load_pair(pt_dir: str | Path, ft_dir: str | Path, settings: ComputeSettings) -> ModelPair:
+def load_pair(pt_dir: str | Path, ft_dir: str | Path, ids: ModelIds, settings: ComputeSettings) -> ModelPair:
     """Both models plus the tracked modules they share (raises listing every mismatch)."""
     pt, ft = load_pretrained(pt_dir, settings), load_finetuned(ft_dir, settings)
-    specs = shared_modules(pt.model, ft.model, settings.scope)
-    return ModelPair(pt, ft, specs, short_hash(fingerprint_model_dir(pt_dir)), short_hash(fingerprint_model_dir(ft_dir)))
-
-
-def model_window(loaded: LoadedModel, requested: int = 0) -> int:
-    """Chunk length: ``requested`` if set, else the model's positional window."""
-    window = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
-    if requested:
-        if window and requested > window:
-            raise ValueError(f"max_chunk_tokens={requested} exceeds the model window {window}")
-        return requested
-    if not window:
-        raise ValueError("the model config states no window; set max_chunk_tokens")
-    return int(window)
+    return ModelPair(pt, ft, shared_modules(pt.model, ft.model, settings.scope), ids)
 
 
 def check_pair(pt_dir: str | Path, ft_dir: str | Path, settings: ComputeSettings) -> list[ModuleSpec]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from ..engine.generation import greedy_completion
 from ..engine import Damping, EkfacFactors, LMExample, classification_example, preconditioned_queries, query_example, sequence_gradients
 from ..lake import tables
 from ..lake.embeddings import encode_texts
@@ -18,24 +20,8 @@ from ..lake.inputs import read_queries_file
 from ..lake.layout import LakeLayout
 from ..lake.models import LoadedModel
 from ..lake.vectors import ChunkVectorStore
-from .settings import ComputeSettings
-
-PRECONDITIONED = ("ms-if", "ss-if")
-
-
-@torch.no_grad()
-def greedy_completion(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
-    tok = loaded.tokenizer
-    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]], device=loaded.model.device)
-    out = loaded.model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
-    new = out[0, ids.shape[1]:].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True)
-
+from .models import ModelIds
+from .settings import ComputeSettings, ScoreKey
 
 def load_queries(path: str | Path, ft: LoadedModel, settings: ComputeSettings) -> pa.Table:
     """Queries with every completion filled in: a missing one is the fine-tuned model's
@@ -47,7 +33,7 @@ def load_queries(path: str | Path, ft: LoadedModel, settings: ComputeSettings) -
         if row["completion"] is None:
             if ft.task != "causal_lm":
                 raise ValueError(f"{path}:{row['source_line']}: completion — a classification fine-tune needs the label to measure")
-            row["completion"] = greedy_completion(ft, row["prompt"], settings.max_new_tokens)
+            row["completion"] = greedy_completion(ft.model, ft.tokenizer, row["prompt"], settings.max_new_tokens)
             if not row["completion"].strip():
                 raise ValueError(f"{path}:{row['source_line']}: completion — the model generated an empty answer; give one")
             meta["completion_source"] = "generated"
@@ -75,50 +61,31 @@ def query_examples(queries: pa.Table, ft: LoadedModel) -> list[LMExample]:
     return out
 
 
-def method_keys(settings: ComputeSettings) -> list[tuple[str, Damping | None]]:
-    """(method, damping) pairs needing a query vector; GDP has no damping."""
-    keys: list[tuple[str, Damping | None]] = []
-    for method in ("ms-if", "ss-if", "gdp"):
-        if method not in settings.methods:
-            continue
-        keys += [(method, d) for d in settings.damping_list] if method in PRECONDITIONED else [(method, None)]
-    return keys
-
-
-def damping_tag(damping: Damping | None) -> str:
-    return "none" if damping is None else damping.label.replace(":", "-")
-
-
 def compute_query_vectors(
     ft: LoadedModel, specs, queries: pa.Table, pt_factors: EkfacFactors, ft_factors: EkfacFactors, settings: ComputeSettings
-) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """``{(method, damping_tag): {module: (Q, m, n)}}`` for every configured method × damping."""
+) -> dict[ScoreKey, dict[str, torch.Tensor]]:
+    """``{key: {module: (Q, m, n)}}`` for every configured method × damping that needs one."""
     from .factors import pad_id_of
 
     grads = sequence_gradients(ft.model, specs, query_examples(queries, ft), settings.batch_size, pad_id_of(ft))
     return {
-        (method, damping_tag(d)): preconditioned_queries(method, grads, pt_factors, ft_factors, d or Damping())
-        for method, d in method_keys(settings)
+        key: preconditioned_queries(key.method, grads, pt_factors, ft_factors, key.damping or Damping())
+        for key in settings.gradient_keys
     }
 
 
-def save_query_vectors(layout: LakeLayout, vectors: dict, pt_hash: str, ft_hash: str, query_ids: list[str]) -> list[Path]:
+def save_query_vectors(layout: LakeLayout, vectors: dict[ScoreKey, dict], ids: ModelIds, query_ids: list[str]) -> list[Path]:
     paths = []
-    for (method, tag), by_module in vectors.items():
-        path = layout.query_gradients_file(pt_hash, ft_hash, method, tag)
-        meta = {"method": method, "damping": tag, "query_ids": json.dumps(query_ids), "pt_model": pt_hash, "ft_model": ft_hash}
+    for key, by_module in vectors.items():
+        path = layout.query_gradients_file(ids.pt, ids.ft, key.method, key.tag)
+        meta = {"method": key.method, "damping": key.tag, "query_ids": json.dumps(query_ids), "pt_model": ids.pt, "ft_model": ids.ft}
         save_tensors(path, {k: v.contiguous().cpu() for k, v in by_module.items()}, meta)
         paths.append(path)
     return paths
 
 
-def load_query_vectors(layout: LakeLayout, settings: ComputeSettings, pt_hash: str, ft_hash: str) -> tuple[dict, list[str]]:
-    vectors, query_ids = {}, None
-    for method, d in method_keys(settings):
-        tensors, meta = load_tensors(layout.query_gradients_file(pt_hash, ft_hash, method, damping_tag(d)))
-        vectors[(method, damping_tag(d))] = tensors
-        query_ids = json.loads(meta["query_ids"])
-    return vectors, query_ids or []
+def load_query_vectors(layout: LakeLayout, keys: Sequence[ScoreKey], ids: ModelIds) -> dict[ScoreKey, dict[str, torch.Tensor]]:
+    return {key: load_tensors(layout.query_gradients_file(ids.pt, ids.ft, key.method, key.tag))[0] for key in keys}
 
 
 def query_texts(queries: pa.Table) -> list[str]:

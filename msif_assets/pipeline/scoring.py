@@ -11,18 +11,19 @@ import datetime as dt
 import pyarrow as pa
 import torch
 
-from ..engine import Damping, score_examples
-from ..engine.baselines import BM25Index, pad_batches, representation_similarity
+from ..engine import score_examples
+from ..engine import make_batches
+from ..engine.baselines import BM25Index, representation_similarity
 from ..lake import tables
 from ..lake.layout import LakeLayout
 from .corpus import chunk_examples
 from .factors import pad_id_of
 from .models import ModelPair
-from .queries import damping_tag, method_keys, query_examples, query_texts
-from .settings import ComputeSettings
+from .queries import query_examples, query_texts
+from .settings import ComputeSettings, ScoreKey
 
 
-def _stacked_scores(model, specs, keyed_vectors: dict, examples, settings: ComputeSettings, pad_id: int) -> dict:
+def _stacked_scores(model, specs, keyed_vectors: dict[ScoreKey, dict], examples, settings: ComputeSettings, pad_id: int) -> dict:
     """``{key: (total, mlp, attn)}`` each (N, Q), from one pass with all keys' vectors stacked."""
     keys = list(keyed_vectors)
     if not keys:
@@ -35,9 +36,10 @@ def _stacked_scores(model, specs, keyed_vectors: dict, examples, settings: Compu
 
 
 def score_shard(
-    layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Table, vectors: dict, settings: ComputeSettings
+    layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Table, vectors: dict[ScoreKey, dict], settings: ComputeSettings
 ) -> pa.Table:
-    """Rows of tables.SCORES for every (candidate, query) pair of ``shard`` and every method."""
+    """Rows of tables.SCORES for every (candidate, query) pair of ``shard`` and every method
+    (``vectors``: the query vectors of ``settings.gradient_keys``)."""
     candidates = tables.read_candidates(layout, shard)
     chunks = tables.read_chunks(layout, shard)
     wanted = set(candidates.column("chunk_id").to_pylist())
@@ -47,26 +49,22 @@ def score_shard(
     if not chunk_ids:
         return tables.SCORES.schema.empty_table()
 
-    results: dict[tuple[str, Damping | None], tuple] = {}
-    keys = method_keys(settings)
-    on_pt = {(m, damping_tag(d)): vectors[(m, damping_tag(d))] for m, d in keys if m != "ss-if"}
-    on_ft = {(m, damping_tag(d)): vectors[(m, damping_tag(d))] for m, d in keys if m == "ss-if"}
+    results: dict[ScoreKey, tuple] = {}
     pt_examples = chunk_examples(chunks, pair.pt.tokenizer.bos_token_id)
-    by_tag = {(m, damping_tag(d)): (m, d) for m, d in keys}
-    for key, value in _stacked_scores(pair.pt.model, pair.specs, on_pt, pt_examples, settings, pad_id_of(pair.pt)).items():
-        results[by_tag[key]] = value
+    on_pt = {k: v for k, v in vectors.items() if not k.on_finetuned_model}
+    on_ft = {k: v for k, v in vectors.items() if k.on_finetuned_model}
+    results.update(_stacked_scores(pair.pt.model, pair.specs, on_pt, pt_examples, settings, pad_id_of(pair.pt)))
     if on_ft and pair.ft.task == "causal_lm":
-        for key, value in _stacked_scores(pair.ft.model, pair.specs, on_ft, pt_examples, settings, pad_id_of(pair.ft)).items():
-            results[by_tag[key]] = value
+        results.update(_stacked_scores(pair.ft.model, pair.specs, on_ft, pt_examples, settings, pad_id_of(pair.ft)))
     if "repsim" in settings.methods:
         pad = pad_id_of(pair.pt)
-        cand = pad_batches([list(e.input_ids) for e in pt_examples], settings.batch_size, pad)
-        qry = pad_batches([list(e.input_ids) for e in query_examples(queries, pair.ft)], settings.batch_size, pad)
-        results[("repsim", None)] = (representation_similarity(pair.pt.model, pair.ft.model, cand, qry, layer="last_block").cpu(), None, None)
+        cand = make_batches(pt_examples, settings.batch_size, pad, sort_by_length=False)
+        qry = make_batches(query_examples(queries, pair.ft), settings.batch_size, pad, sort_by_length=False)
+        results[ScoreKey("repsim")] = (representation_similarity(pair.pt.model, pair.ft.model, cand, qry, layer="last_block").cpu(), None, None)
     if "bm25" in settings.methods:
         index = BM25Index.build(chunks.column("text").to_pylist(), chunk_ids, stopwords=None)
         columns = [torch.from_numpy(index.scores(text)) for text in query_texts(queries)]
-        results[("bm25", None)] = (torch.stack(columns, 1), None, None)
+        results[ScoreKey("bm25")] = (torch.stack(columns, 1), None, None)
     return _rows(shard, candidates, chunk_ids, doc_ids, qids, results, pair)
 
 
@@ -76,18 +74,16 @@ def _rows(shard, candidates: pa.Table, chunk_ids, doc_ids, qids, results, pair: 
     pairs = [(q, c) for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist()) if q in col_of]
     now = dt.datetime.now(dt.timezone.utc)
     rows = []
-    for (method, damping), (total, mlp, attn) in results.items():
+    for key, (total, mlp, attn) in results.items():
         block = []
         for q, c in pairs:
             i, j = row_of[c], col_of[q]
             block.append({
-                "query_id": q, "doc_id": doc_ids[i], "chunk_id": c, "shard": shard, "method": method,
-                "damping": None if damping is None else damping.value,
-                "damping_kind": None if damping is None else damping.mode,
+                "query_id": q, "doc_id": doc_ids[i], "chunk_id": c, "shard": shard, **key.columns,
                 "score": float(total[i, j]),
                 "score_mlp": None if mlp is None else float(mlp[i, j]),
                 "score_attn": None if attn is None else float(attn[i, j]),
-                "pt_model": pair.pt_hash, "ft_model": pair.ft_hash, "computed_at": now,
+                "pt_model": pair.ids.pt, "ft_model": pair.ids.ft, "computed_at": now,
             })
         block.sort(key=lambda r: (r["query_id"], -r["score"], r["chunk_id"]))
         rank, last = 0, None

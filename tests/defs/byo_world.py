@@ -10,7 +10,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from msif_assets.defs.build import build_definitions
-from msif_assets.defs.config import MsifConfig
+from msif_assets.config import MsifConfig
 from msif_assets.demo.tokenizer import build_tokenizer
 
 PEOPLE = ["Ada", "Bob", "Cyd", "Dee", "Eve", "Fay", "Gus", "Hal"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from msif_assets.defs import runner
+from msif_assets.app import runner
 from msif_assets.lake.catalog import Catalog
 
 from .byo_world import byo_definitions, make_world, save_model

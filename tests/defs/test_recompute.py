@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 from safetensors.torch import load_file, save_file
 
-from msif_assets.defs import runner
+from msif_assets.app import runner
 
 from .byo_world import byo_definitions, make_world, perturb, shard_docs, write_jsonl
 

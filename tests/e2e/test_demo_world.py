@@ -5,8 +5,8 @@ import dagster as dg
 import pytest
 
 from msif_assets.defs.build import build_definitions
-from msif_assets.defs.cli import bring_up_to_date
-from msif_assets.defs.config import MsifConfig
+from msif_assets.app.lineage import bring_up_to_date
+from msif_assets.config import MsifConfig
 from msif_assets.lake.catalog import Catalog
 
 

@@ -10,11 +10,10 @@ import transformers as tf
 
 from msif_assets.engine.baselines import (
     BM25Index,
-    TokenBatch,
     mean_pooled_hidden_states,
-    pad_batches,
     representation_similarity,
 )
+from msif_assets.engine.batching import LMBatch, document_example, make_batches
 
 VOCAB = 64
 
@@ -52,6 +51,11 @@ CAND_SEQS = random_sequences(0, [5, 9, 3, 12, 7])
 QUERY_SEQS = random_sequences(1, [6, 11, 4])
 
 
+def pad_batches(seqs: list[list[int]], batch_size: int, pad_id: int, sort_by_length: bool = True) -> list[LMBatch]:
+    """The engine's own batches (``make_batches``; sorted by length, so rows come back out of order)."""
+    return list(make_batches([document_example(s) for s in seqs], batch_size, pad_id, sort_by_length))
+
+
 def reference_repsim(pt, ft, cands, queries) -> np.ndarray:
     """Each sequence alone and unpadded; hidden_states[-1] mean over all its tokens; numpy cosine."""
 
@@ -71,37 +75,21 @@ def reference_repsim(pt, ft, cands, queries) -> np.ndarray:
 # ----------------------------------------------------------------------- batches
 
 
-def test_pad_batches_right_pads_and_keeps_order():
+def test_unsorted_batches_right_pad_and_keep_order():
     seqs = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
-    batches = list(pad_batches(seqs, batch_size=3, pad_id=0))
-    assert [b.batch_size for b in batches] == [3, 1]
+    batches = pad_batches(seqs, batch_size=3, pad_id=0, sort_by_length=False)
+    assert [b.size for b in batches] == [3, 1]
     assert batches[0].input_ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
     assert batches[0].attention_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
     assert batches[1].input_ids.tolist() == [[11, 12, 13, 14]]
     assert batches[1].attention_mask.tolist() == [[1, 1, 1, 1]]
 
 
-def test_pad_batches_rejects_bad_input():
-    with pytest.raises(ValueError, match="empty"):
-        list(pad_batches([[1], []], batch_size=2, pad_id=0))
+def test_batches_reject_bad_input():
+    with pytest.raises(ValueError, match="no tokens"):
+        pad_batches([[1], []], batch_size=2, pad_id=0)
     with pytest.raises(ValueError, match="batch_size"):
-        list(pad_batches([[1]], batch_size=0, pad_id=0))
-
-
-def test_token_batch_validation():
-    ids = torch.tensor([[1, 2, 0]])
-    with pytest.raises(ValueError, match="real token"):  # left padding
-        TokenBatch(ids, torch.tensor([[0, 1, 1]]))
-    with pytest.raises(ValueError, match="real token"):  # all padding
-        TokenBatch(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 1], [0, 0]]))
-    with pytest.raises(ValueError, match="right-padded"):
-        TokenBatch(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 0, 1]]))
-    with pytest.raises(TypeError, match="int64"):
-        TokenBatch(ids, torch.tensor([[1.0, 1.0, 0.0]]))
-    with pytest.raises(ValueError, match=r"\(B, T\)"):
-        TokenBatch(ids, torch.tensor([[1, 1]]))
-    with pytest.raises(ValueError, match="0 and 1"):
-        TokenBatch(ids, torch.tensor([[1, 2, 0]]))
+        pad_batches([[1]], batch_size=0, pad_id=0)
 
 
 # ------------------------------------------------------------------------ RepSim
@@ -137,12 +125,13 @@ def test_repsim_batch_size_invariance(arch):
         torch.testing.assert_close(other, results[0], atol=1e-6, rtol=0)
 
 
-def _extra_padding(batch: TokenBatch, extra: int, pad_id: int) -> TokenBatch:
-    b = batch.batch_size
+def _extra_padding(batch: LMBatch, extra: int, pad_id: int) -> LMBatch:
+    b = batch.size
     mask = torch.cat([batch.attention_mask, torch.zeros((b, extra), dtype=torch.long)], dim=1)
     ids = torch.cat([batch.input_ids, torch.full((b, extra), pad_id, dtype=torch.long)], dim=1)
+    targets = torch.cat([batch.target_mask, torch.zeros((b, extra), dtype=torch.bool)], dim=1)
     ids[mask == 0] = pad_id
-    return TokenBatch(ids, mask)
+    return LMBatch(ids, mask, targets, batch.index)
 
 
 def test_repsim_ignores_padding_length_and_pad_token():
@@ -226,6 +215,10 @@ def test_repsim_errors():
         representation_similarity(pt, pt, pad_batches(CAND_SEQS, 2, 0), [])
     with pytest.raises(ValueError, match="layer"):
         mean_pooled_hidden_states(pt, pad_batches(CAND_SEQS, 2, 0), layer="middle")
+    with pytest.raises(ValueError, match="index"):
+        mean_pooled_hidden_states(pt, pad_batches(CAND_SEQS, 2, 0)[:1])
+    with pytest.raises(TypeError, match="LMBatch"):
+        mean_pooled_hidden_states(pt, [torch.tensor([CAND_SEQS[0]])])
 
 
 # -------------------------------------------------------------------------- BM25

@@ -9,13 +9,8 @@ import pytest
 import torch
 
 from msif_assets.engine.metrics import (
-    CorrelationRow,
-    correlation_report,
-    fact_tracing_summary,
     influence_share,
-    mean_reciprocal_rank,
     pearson,
-    per_query_rank_correlation,
     rank_by_score,
     recall_at_k_any,
     recall_at_k_fraction,
@@ -41,14 +36,6 @@ def test_reciprocal_rank_rejects_bad_input():
         reciprocal_rank(["a", "b", "a"], {"b"})
 
 
-def test_mean_reciprocal_rank():
-    rankings = [["x", "g1", "y"], ["g2", "x"], ["x", "y"]]
-    golds = [{"g1"}, {"g2"}, {"g3"}]
-    assert mean_reciprocal_rank(rankings, golds) == pytest.approx((1 / 2 + 1 / 1 + 0) / 3)
-    with pytest.raises(ValueError, match="2 rankings but 1"):
-        mean_reciprocal_rank(rankings[:2], golds[:1])
-
-
 def test_recall_variants():
     ranked = [f"d{i}" for i in range(20)]
     gold = {"d3", "d12", "unranked"}
@@ -63,18 +50,6 @@ def test_recall_variants():
     assert recall_at_k_any(ranked, many, k=10) == 1.0
     with pytest.raises(ValueError, match="k must be"):
         recall_at_k_any(ranked, gold, k=0)
-
-
-def test_fact_tracing_summary():
-    rankings = [["g", "a", "b"], ["a", "b", "g", "h"]]
-    golds = [{"g"}, {"g", "h"}]
-    s = fact_tracing_summary(rankings, golds, k=3)
-    assert s.mrr == pytest.approx((1 + 1 / 3) / 2)
-    assert s.recall_any == 1.0
-    assert s.recall_fraction == pytest.approx((1 + 1 / 2) / 2)
-    assert (s.k, s.n_queries) == (3, 2)
-    with pytest.raises(ValueError, match="no queries"):
-        fact_tracing_summary([], [])
 
 
 # ----------------------------------------------------------------------- ranking
@@ -143,42 +118,6 @@ def test_correlation_constant_input_and_errors():
         pearson([1.0], [2.0])
     with pytest.raises(ValueError, match="NaN"):
         pearson([1.0, float("inf")], [1.0, 2.0])
-
-
-def test_correlation_report_rows():
-    rng = np.random.default_rng(2)
-    truth = rng.normal(size=(8, 3))
-    pred = {"ekfac": truth + 0.1 * rng.normal(size=(8, 3)), "gdp": rng.normal(size=(8, 3))}
-    rows = correlation_report(pred, truth)
-    assert [r.method for r in rows] == ["ekfac", "gdp"]
-    for row in rows:
-        flat_p, flat_t = pred[row.method].ravel(), truth.ravel()
-        assert row.n == 24
-        assert row.pearson == pytest.approx(np.corrcoef(flat_p, flat_t)[0, 1], abs=1e-12)
-        assert row.spearman == pytest.approx(np.corrcoef(_ranks(flat_p), _ranks(flat_t))[0, 1], abs=1e-12)
-    assert rows[0].spearman > rows[1].spearman
-    with pytest.raises(ValueError, match="shape"):
-        correlation_report({"bad": truth[:, :2]}, truth)
-    with pytest.raises(ValueError, match="method name"):
-        CorrelationRow("", 0.1, 0.1, 5)
-
-
-def test_per_query_rank_correlation_variants():
-    rng = np.random.default_rng(3)
-    n, q = 10, 4
-    truth = rng.normal(size=(n, q)) * np.array([1.0, 10.0, 100.0, 1.0])
-    pred = truth + rng.normal(size=(n, q)) * 5.0
-    pred[:, 3] = 7.0  # constant column: undefined for that query, skipped
-    res = per_query_rank_correlation(pred, truth)
-    per_rho = [np.corrcoef(_ranks(pred[:, j]), _ranks(truth[:, j]))[0, 1] for j in range(3)]
-    per_r = [np.corrcoef(pred[:, j], truth[:, j])[0, 1] for j in range(3)]
-    assert res.spearman_per_query == pytest.approx(np.mean(per_rho), abs=1e-12)
-    assert res.pearson_per_query == pytest.approx(np.mean(per_r), abs=1e-12)
-    assert res.pearson_flat == pytest.approx(np.corrcoef(pred.ravel(), truth.ravel())[0, 1], abs=1e-12)
-    assert res.spearman_flat == pytest.approx(spearman(pred.ravel(), truth.ravel()))
-    assert (res.n_candidates, res.n_queries, res.n_valid_queries) == (10, 4, 3)
-    with pytest.raises(ValueError, match=r"\(N, Q\)"):
-        per_query_rank_correlation(pred[:, 0], truth[:, 0])
 
 
 # ------------------------------------------------------------ relative distance

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from msif_assets.cli import build_parser, main
+from msif_assets.app.cli import build_parser, main
 
 
 def test_sql_table_output(small_lake, capsys):

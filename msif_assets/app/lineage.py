@@ -5,10 +5,13 @@ what the lake holds): ``$DAGSTER_HOME`` when set; else the repository's ``dagste
 for the default lake ``./lake`` (``make ui`` serves it); else ``<lake>/.dagster``.
 """
 
+import dataclasses
 import logging
 import os
 import time
 from pathlib import Path
+
+from .options import lake_option
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_HOME = REPO_ROOT / "dagster_home"
@@ -30,8 +33,8 @@ def _instance(lake_root: str):
 
 
 def _setup(args):
-    from .build import build_definitions
-    from .config import load_config
+    from ..config import load_config
+    from ..defs.build import build_definitions
 
     # Our progress at INFO; libraries (dagster, alembic, httpx, lancedb, ...) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -43,7 +46,7 @@ def _setup(args):
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our log lines report progress
     config = load_config(args.config)
     if args.lake:
-        config = type(config)(**{**config.__dict__, "lake_root": str(Path(args.lake).resolve())})
+        config = dataclasses.replace(config, lake_root=str(Path(args.lake).resolve()))
     return config, build_definitions(config), _instance(config.lake_root)
 
 
@@ -100,8 +103,6 @@ def cmd_materialize(args) -> int:
 
 
 def register(subparsers) -> None:
-    from ..cli import lake_option
-
     for name, handler, text in (
         ("demo", cmd_demo, "build the default world and run the whole lineage on it, then show results"),
         ("materialize", cmd_materialize, "materialize everything missing, then refresh whatever changed (your config)"),

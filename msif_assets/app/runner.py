@@ -18,8 +18,8 @@ from dagster._core.definitions.observe import observe
 from dagster._serdes import deserialize_value, serialize_value
 
 from ..pipeline.corpus import inbox_shards
-from .corpus import SHARDS
-from .inputs import SOURCES
+from ..defs.corpus import SHARDS
+from ..defs.inputs import SOURCES
 
 log = logging.getLogger(__name__)
 Requests = dict[dg.AssetKey, set[str | None]]

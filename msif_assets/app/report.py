@@ -4,7 +4,7 @@ a SQL example, and the fact-tracing table."""
 import json
 from pathlib import Path
 
-from ..cli import format_table
+from .render import format_table
 from ..lake.catalog import Catalog
 
 TOP_SQL = """SELECT rank, doc_id, round(score, 3) AS score, round(score_mlp / nullif(score, 0), 2) AS mlp_share, chunk_text

@@ -1,9 +1,10 @@
-"""One config file (TOML) plus environment variables → resources.
+"""One config file (TOML) plus environment variables, read and validated once.
 
 Looked up in ``$MSIF_CONFIG``, else ``./msif.toml``; with neither, msif runs on the embedded
 default world. Sections: ``[lake] root``, ``[inputs] inbox/pretrained_model/finetuned_model/
 finetune_data/queries`` (all five, or none for the default world), ``[compute] …`` (any
-``ComputeResource`` field), ``[demo] dir/size``. ``MSIF_LAKE`` overrides the lake root.
+``ComputeSettings`` field), ``[demo] dir/size``. ``MSIF_LAKE`` overrides the lake root. Every
+bad key or value is a :class:`ConfigError` naming the file and key, before anything runs.
 """
 
 
@@ -11,18 +12,47 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
+
+from .pipeline.settings import ComputeSettings, SettingsError
+
+class ConfigError(ValueError):
+    """msif.toml says something msif cannot use; the message names the file and key."""
+
 
 INPUT_FIELDS = ("inbox", "pretrained_model", "finetuned_model", "finetune_data", "queries")
 
 
 @dataclass(frozen=True)
 class MsifConfig:
+    """Where the lake is, what the user brought, and how to compute.
+
+    ``compute`` may be given as a mapping of ``[compute]`` values: it is validated into
+    :class:`ComputeSettings` here, over the default world's defaults when no inputs are given.
+    """
+
     lake_root: str = "lake"
     inputs: dict[str, str] = field(default_factory=dict)
-    compute: dict = field(default_factory=dict)
+    compute: ComputeSettings | Mapping[str, Any] = field(default_factory=dict)
     demo_dir: str = ".msif/demo"
     demo_size: str = "default"
     source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compute, ComputeSettings):
+            return
+        raw = dict(self.compute)
+        if self.is_demo:
+            from .demo.settings import demo_compute_defaults
+
+            try:
+                raw = {**demo_compute_defaults(self.demo_size), **raw}
+            except ValueError as err:
+                raise ConfigError(f"{self.source}: {err}") from None
+        try:
+            object.__setattr__(self, "compute", ComputeSettings.from_config(raw, f"{self.source}: [compute]"))
+        except SettingsError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def is_demo(self) -> bool:
@@ -43,10 +73,6 @@ class MsifConfig:
         return self.demo_inputs() if self.is_demo else dict(self.inputs)
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
     candidate = Path(path or os.environ.get("MSIF_CONFIG") or "msif.toml")
     raw: dict = {}
@@ -60,6 +86,10 @@ def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
     unknown = set(raw) - {"lake", "inputs", "compute", "demo"}
     if unknown:
         raise ConfigError(f"{candidate}: unknown section(s) {sorted(unknown)}; use lake, inputs, compute, demo")
+    for section, keys in (("lake", {"root"}), ("demo", {"dir", "size"})):
+        extra = set(raw.get(section, {})) - keys
+        if extra:
+            raise ConfigError(f"{candidate}: [{section}] unknown key(s) {sorted(extra)}; valid: {sorted(keys)}")
     inputs = raw.get("inputs", {})
     if inputs and set(inputs) != set(INPUT_FIELDS):
         missing, extra = set(INPUT_FIELDS) - set(inputs), set(inputs) - set(INPUT_FIELDS)
@@ -71,7 +101,7 @@ def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
     return MsifConfig(
         lake_root=lake_root,
         inputs={k: absolute(v) for k, v in inputs.items()},
-        compute=dict(raw.get("compute", {})),
+        compute=raw.get("compute", {}),
         demo_dir=absolute(demo.get("dir", ".msif/demo")),
         demo_size=demo.get("size", "default"),
         source=str(candidate) if candidate.is_file() else "defaults",
