@@ -50,27 +50,51 @@ def _setup(args):
     return config, build_definitions(config), _instance(config.lake_root)
 
 
-def bring_up_to_date(config, defs, instance) -> tuple:
-    """Materialize what was never materialized, then refresh whatever changed since."""
+def bring_up_to_date(config, defs, instance, wait: bool = True) -> tuple:
+    """:func:`_bring_up_to_date` under the lake's lock, after failing runs a killed process left."""
+    from .lake_lock import fail_orphaned_runs, lake_lock
+
+    with lake_lock(config.lake_root, wait=wait):
+        fail_orphaned_runs(instance)
+        return _bring_up_to_date(config, defs, instance)
+
+
+def _bring_up_to_date(config, defs, instance) -> tuple:
+    """Bring the lake up to date with its inputs, so that any mix of changes converges.
+
+    A new lake is materialized in full. Otherwise: (1) the automation conditions refresh what
+    changed in the inputs (models, queries, settings, shard files) over the known shards, in
+    dependency order; (2) new inbox files become shard partitions, which then only meet
+    up-to-date factors and query gradients; (3) partitions still missing (a shard whose run
+    failed before) are materialized and what they feed refreshed. The cursor is saved only
+    after success, so the next run sees a failed run's changes again."""
     import dagster as dg
 
     from . import runner
 
     started = time.perf_counter()
+    inbox = config.resolved_inputs()["inbox"]
     if config.is_demo:
         runner.execute(defs, instance, {dg.AssetKey("default_world"): {None}})
-    new_shards = runner.register_shards(instance, config.resolved_inputs()["inbox"])
     runner.observe_inputs(defs, instance)
     cursor_path = Path(config.lake_root) / ".automation_cursor"
     cursor = runner.load_cursor(cursor_path)
-    everything = runner.all_requests(defs, instance)
     # a new or emptied lake holds nothing, whatever an older run history says
     lake_empty = not (Path(config.lake_root) / "shards").is_dir()
+    refreshed = runner.RunLog()
+    if not lake_empty and cursor is not None:
+        refreshed, cursor = runner.refresh(defs, instance, cursor)
+    new_shards = runner.register_shards(instance, inbox)
+    if new_shards and cursor is not None:
+        _, cursor = runner.refresh(defs, instance, cursor, run_log=refreshed)
+    everything = runner.all_requests(defs, instance)
     missing = everything if lake_empty else {k: v for k, v in everything.items() if not _materialized(instance, k, v)}
     ran = runner.execute(defs, instance, missing) if missing else runner.RunLog()
-    if cursor is None:
+    runner.retry_deferred(defs, instance, ran)
+    if cursor is None:  # the first tick only settles the cursor
         _, cursor = runner.automation_tick(defs, instance, None)
-    refreshed, cursor = runner.refresh(defs, instance, cursor)
+    elif missing and not lake_empty:
+        _, cursor = runner.refresh(defs, instance, cursor, run_log=refreshed)
     runner.save_cursor(cursor_path, cursor)
     return ran, refreshed, new_shards, time.perf_counter() - started
 
@@ -87,7 +111,7 @@ def cmd_demo(args) -> int:
     if not config.is_demo:
         print(f"msif demo runs the embedded default world, but {config.source} brings inputs; use `msif materialize`.")
         return 2
-    ran, refreshed, _, seconds = bring_up_to_date(config, defs, instance)
+    ran, refreshed, _, seconds = bring_up_to_date(config, defs, instance, wait=not args.no_wait)
     from .report import print_demo_report
 
     print_demo_report(config, ran, refreshed, seconds)
@@ -96,7 +120,7 @@ def cmd_demo(args) -> int:
 
 def cmd_materialize(args) -> int:
     config, defs, instance = _setup(args)
-    ran, refreshed, new_shards, seconds = bring_up_to_date(config, defs, instance)
+    ran, refreshed, new_shards, seconds = bring_up_to_date(config, defs, instance, wait=not args.no_wait)
     print(f"{len(ran.executed) + len(refreshed.executed)} asset partitions in {ran.runs + refreshed.runs} runs, {seconds:.1f}s "
           f"(new shards: {', '.join(new_shards) or 'none'}); lake at {config.lake_root}")
     return 0
@@ -110,4 +134,5 @@ def register(subparsers) -> None:
     ):
         parser = subparsers.add_parser(name, parents=[lake_option()], help=text, description=text)
         parser.add_argument("--config", default=None, help="msif.toml (default: $MSIF_CONFIG or ./msif.toml; none = default world)")
+        parser.add_argument("--no-wait", action="store_true", help="stop at once if another msif process is materializing this lake")
         parser.set_defaults(handler=handler)

@@ -27,11 +27,14 @@ Requests = dict[dg.AssetKey, set[str | None]]
 
 @dataclass
 class RunLog:
-    """What ran: ``(asset key, partition or None)`` pairs, in execution order, and timings."""
+    """What ran: ``(asset key, partition or None)`` pairs, in execution order, and timings.
+    ``deferred``: requests whose step found an upstream file of the current models not yet
+    written (``MissingArtifactError``); they are retried once the refresh has run upstream."""
 
     executed: list[tuple[str, str | None]] = field(default_factory=list)
     runs: int = 0
     seconds: float = 0.0
+    deferred: dict[dg.AssetKey, set[str | None]] = field(default_factory=dict)
 
     def keys(self) -> set[tuple[str, str | None]]:
         return set(self.executed)
@@ -118,12 +121,43 @@ def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
     log.info("materializing %s%s", label, f" [{partition}]" if partition else "")
     result = dg.materialize(
         assets, selection=dg.AssetSelection.assets(*keys), partition_key=partition, instance=instance, resources=defs.resources,
-        tags={"msif/runner": "cli"}, run_config=_quiet_console(),
+        tags={"msif/runner": "cli", "msif/pid": str(os.getpid())}, run_config=_quiet_console(), raise_on_error=False,
     )
-    if not result.success:
-        raise RuntimeError(f"run failed for {label} [{partition}]")
     run_log.runs += 1
-    run_log.executed += [(k.to_user_string(), partition) for k in keys]
+    done = {e.asset_key for e in result.get_asset_materialization_events()}
+    run_log.executed += [(k.to_user_string(), partition) for k in keys if k in done]
+    for key in done:
+        run_log.deferred.get(key, set()).discard(partition)
+    if result.success:
+        return
+    errors = [_root_error(e.step_failure_data.error) for e in result.get_step_failure_events()]
+    if errors and all(cls == "MissingArtifactError" for cls, _ in errors):
+        for key in set(keys) - done:
+            run_log.deferred.setdefault(key, set()).add(partition)
+        log.info("deferred %s%s until its upstream is refreshed", label, f" [{partition}]" if partition else "")
+        return
+    reason = "; ".join(f"{cls}: {message}" for cls, message in errors) or "see the run's event log"
+    raise RuntimeError(f"run {result.run_id} failed for {label}{f' [{partition}]' if partition else ''}: {reason}")
+
+
+def _root_error(error) -> tuple[str, str]:
+    """The user code's exception behind Dagster's step-execution wrapper."""
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return (error.cls_name or "Error", error.message.strip().splitlines()[-1]) if error else ("Error", "")
+
+
+def retry_deferred(defs: dg.Definitions, instance: dg.DagsterInstance, run_log: RunLog) -> None:
+    """Run the deferred requests again now that upstream has settled; a second miss is an error."""
+    pending = {k: v for k, v in run_log.deferred.items() if v}
+    run_log.deferred = {}
+    if not pending:
+        return
+    retry = execute(defs, instance, pending, RunLog())
+    if any(retry.deferred.values()):
+        raise RuntimeError(f"steps still miss their upstream files after a full refresh: {retry.deferred}")
+    run_log.executed += retry.executed
+    run_log.runs += retry.runs
 
 
 def automation_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor) -> tuple[Requests, object]:
@@ -132,13 +166,18 @@ def automation_tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor) 
     return {k: v for k, v in requests.items() if v}, result.cursor
 
 
-def refresh(defs: dg.Definitions, instance: dg.DagsterInstance, cursor, max_ticks: int = 25) -> tuple[RunLog, object]:
+def refresh(defs: dg.Definitions, instance: dg.DagsterInstance, cursor, max_ticks: int = 25,
+            run_log: RunLog | None = None) -> tuple[RunLog, object]:
     """Tick the automation conditions and execute what they request, until nothing is."""
-    run_log = RunLog()
+    run_log = run_log or RunLog()
     for _ in range(max_ticks):
         requests, cursor = automation_tick(defs, instance, cursor)
         if not requests:
-            return run_log, cursor
+            pending = {k: v for k, v in run_log.deferred.items() if v}
+            if not pending:
+                return run_log, cursor
+            retry_deferred(defs, instance, run_log)
+            continue
         execute(defs, instance, requests, run_log)
     raise RuntimeError(f"automation still requesting after {max_ticks} ticks: {run_log.executed[-10:]}")
 

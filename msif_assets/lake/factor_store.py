@@ -18,7 +18,13 @@ from safetensors.torch import save_file
 
 from msif_assets.lake.atomic import atomic_write
 
-__all__ = ["save_tensors", "load_tensors", "read_metadata"]
+__all__ = ["save_tensors", "load_tensors", "read_metadata", "MissingArtifactError"]
+
+
+class MissingArtifactError(FileNotFoundError):
+    """A factor, statistics or query-gradient file for the current models is not written yet:
+    the step that writes it has not run since the models changed (the runner retries the
+    reading step once it has)."""
 
 
 def save_tensors(
@@ -58,7 +64,7 @@ def load_tensors(
     """Read all tensors and the metadata header of a safetensors file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no safetensors file at {p}")
+        raise MissingArtifactError(f"no safetensors file at {p}")
     with safe_open(str(p), framework="pt", device=device) as fh:
         metadata = dict(fh.metadata() or {})
         tensors = {name: fh.get_tensor(name) for name in fh.keys()}
@@ -69,6 +75,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """Read only the metadata header (cheap: tensors are not loaded)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no safetensors file at {p}")
+        raise MissingArtifactError(f"no safetensors file at {p}")
     with safe_open(str(p), framework="pt") as fh:
         return dict(fh.metadata() or {})
