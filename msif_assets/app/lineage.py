@@ -47,6 +47,7 @@ def _setup(args):
     config = load_config(args.config)
     if args.lake:
         config = dataclasses.replace(config, lake_root=str(Path(args.lake).resolve()))
+    args.lake = config.lake_root  # where this command's logs go
     return config, build_definitions(config), _instance(config.lake_root)
 
 

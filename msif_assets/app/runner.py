@@ -131,6 +131,8 @@ def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
     if result.success:
         return
     errors = [_root_error(e.step_failure_data.error) for e in result.get_step_failure_events()]
+    if any(cls == "DagsterExecutionInterruptedError" for cls, _ in errors):
+        raise KeyboardInterrupt
     if errors and all(cls == "MissingArtifactError" for cls, _ in errors):
         for key in set(keys) - done:
             run_log.deferred.setdefault(key, set()).add(partition)

@@ -97,3 +97,21 @@ def test_two_materializations_of_one_lake_are_serialized(tmp_path):
     assert second.returncode == 0 and "waiting for" in second.stderr, second.stderr[-2000:]
     assert second.stdout.startswith("0 asset partitions"), second.stdout  # the first did all the work, once
     assert _duplicates(tmp_path) == 0
+
+
+def test_sigterm_stops_a_run_and_the_next_one_finishes(tmp_path):
+    config = _config(tmp_path)
+    proc = subprocess.Popen(_msif(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (tmp_path / "lake" / ".dagster" / "dagster.yaml").exists(), 120, "the lake's Dagster instance")
+        instance = _instance(tmp_path)
+        _wait_for(lambda: instance.event_log_storage.get_concurrency_info(POOL).active_slot_count > 0, 240, "a heavy step")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    done = subprocess.run(_msif(config), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _instance(tmp_path).event_log_storage.get_concurrency_info(POOL).active_slot_count == 0
+    assert _duplicates(tmp_path) == 0
