@@ -1,8 +1,8 @@
 """``msif``: the command line.
 
     msif demo | materialize | refresh [--config msif.toml] [--lake DIR]   run the lineage (lineage.py)
-    msif sql "<query>" [--lake DIR] [--format table|csv|json]
-    msif top <query_id> [--method ms-if] [--k 10] [--damping X] [--model FT_HASH]
+    msif sql "<query>" [--lake DIR] [--format table|csv|json] [--timeout S] [--memory-limit SIZE]
+    msif top <query_id> [--method ms-if] [--k 10] [--damping X] [--model FT_HASH] [--timeout S] [--memory-limit SIZE]
     msif status
 
 The lake root comes from ``--lake``, else ``$MSIF_LAKE``, else ``./lake``. Each command is a
@@ -13,6 +13,7 @@ handlers import heavy libraries inside, so ``msif --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -30,10 +31,22 @@ Register = Callable[[Any], None]
 
 
 # -- commands over the lake ------------------------------------------------------
+def _budget_options(p: argparse.ArgumentParser) -> None:
+    """``--timeout`` / ``--memory-limit``: the query budgets of the catalog (catalog.py)."""
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="stop a query after S seconds (default: $MSIF_SQL_TIMEOUT or 300; 0 = no limit)")
+    p.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="DuckDB memory budget, e.g. 8GB (default: $MSIF_SQL_MEMORY_LIMIT or 4GB)")
+
+
+def _budgets(args: argparse.Namespace) -> dict[str, Any]:
+    return {"timeout_s": args.timeout, "memory_limit": args.memory_limit}
+
+
 def _cmd_sql(args: argparse.Namespace) -> int:
     from msif_assets.lake.catalog import Catalog
 
-    with Catalog.open(lake_root(args)) as catalog:
+    with Catalog.open(lake_root(args), **_budgets(args)) as catalog:
         print(render(catalog.query(args.query), args.format, args.max_width))
     return 0
 
@@ -43,6 +56,7 @@ def register_sql(subparsers: Any) -> None:
                               description="Views: documents, chunks, queries, candidates, influence, "
                               "influence_with_text, top_k, mlp_attn_share, shard_summary, rejects, eval_*.")
     p.add_argument("query", help='e.g. "SELECT * FROM top_k LIMIT 5"')
+    _budget_options(p)
     output_options(p)
     p.set_defaults(handler=_cmd_sql)
 
@@ -65,7 +79,7 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     params = {"query_id": args.query_id, "method": args.method, "k": args.k,
               "model": args.model, "damping": args.damping}
-    with Catalog.open(lake_root(args)) as catalog:
+    with Catalog.open(lake_root(args), **_budgets(args)) as catalog:
         query = catalog.query("SELECT prompt, completion FROM queries WHERE query_id = $query_id",
                               {"query_id": args.query_id}).to_pylist()
         top = catalog.query(_TOP_SQL, params)
@@ -89,6 +103,7 @@ def register_top(subparsers: Any) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--damping", type=float, default=None, help="only this damping value")
     p.add_argument("--model", default=None, help="fine-tuned model hash (default: most recently scored)")
+    _budget_options(p)
     output_options(p)
     p.set_defaults(handler=_cmd_top)
 
@@ -135,11 +150,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     from msif_assets.config import ConfigError
     from msif_assets.lake.catalog import CatalogError, CatalogQueryError
 
+    from .lake_lock import LakeBusyError
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` stops a run like Ctrl-C does
     try:
         return int(args.handler(args) or 0)
-    except (CatalogError, CatalogQueryError, ConfigError) as exc:
+    except (CatalogError, CatalogQueryError, ConfigError, LakeBusyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("msif: interrupted; the next run marks the interrupted run failed and resumes", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the reader, the traceback for the log
+        log_file = _write_traceback(args)
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__} (traceback: {log_file})",
+              file=sys.stderr)
+        return 1
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _write_traceback(args: argparse.Namespace) -> Path:
+    import tempfile
+    import time
+    import traceback
+
+    folder = lake_root(args) / ".logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"msif-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.write_text(traceback.format_exc(), encoding="utf-8")
+    return path
 
 
 if __name__ == "__main__":

@@ -3,7 +3,16 @@
 ``Catalog.open(lake_root)`` builds an in-memory DuckDB (no ``.duckdb`` file is ever
 held open, so writers are never locked out), runs every ``sql/*.sql`` file in name
 order with ``${LAKE}`` replaced by the lake root, and then locks the connection down:
-file access is limited to the lake directory and the configuration is frozen.
+DuckDB may read only the table directories the views use (TABLE_DIRS: shards/, chunks/,
+queries/, candidates/, scores/, rejects/, eval/) — never the lake's Dagster instance
+(``.dagster/``), staging dirs, cursors, LanceDB files (``embeddings/``) or anything outside
+the lake — nothing spills to a temp directory, and the configuration is frozen.
+
+Every query runs under a memory budget (DuckDB ``memory_limit``; default
+DEFAULT_MEMORY_LIMIT, ``$MSIF_SQL_MEMORY_LIMIT`` or ``Catalog.open(memory_limit=...)``)
+and a time budget (default DEFAULT_TIMEOUT_S seconds, ``$MSIF_SQL_TIMEOUT`` or
+``Catalog.open(timeout_s=...)``; 0 disables it): a query over budget is interrupted and
+raises CatalogQueryError saying which budget it hit and how to raise it.
 
 SQL files may contain only ``CREATE OR REPLACE VIEW <name> AS ...`` statements. A
 base view whose Parquet files do not exist yet (a fresh lake) becomes an empty view
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +42,18 @@ from msif_assets.lake.tables import (
     SCORES, TableSpec,
 )
 
-__all__ = ["Catalog", "CatalogError", "CatalogQueryError", "BASE_VIEWS", "default_sql_dir"]
+__all__ = ["Catalog", "CatalogError", "CatalogQueryError", "BASE_VIEWS", "TABLE_DIRS", "default_sql_dir",
+           "DEFAULT_TIMEOUT_S", "DEFAULT_MEMORY_LIMIT"]
 
 ENV_SQL_DIR = "MSIF_SQL_DIR"
+ENV_TIMEOUT = "MSIF_SQL_TIMEOUT"
+ENV_MEMORY_LIMIT = "MSIF_SQL_MEMORY_LIMIT"
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MEMORY_LIMIT = "4GB"
+# The only lake directories SQL may read: the Parquet tables of LakeLayout. Catalog files
+# may reference ``${LAKE}/<dir>/...`` for these alone; DuckDB's allowed_directories is the
+# subset the views actually use.
+TABLE_DIRS = ("shards", "chunks", "queries", "candidates", "scores", "rejects", "eval")
 BASE_VIEWS: dict[str, TableSpec] = {
     "documents": DOCUMENTS, "chunks": CHUNKS, "queries": QUERIES, "candidates": CANDIDATES,
     "influence": SCORES, "rejects": REJECTS, "eval_ranking": EVAL_RANKING,
@@ -45,6 +64,7 @@ BASE_VIEWS: dict[str, TableSpec] = {
 _VIEW_RE = re.compile(r"^\s*(?:--[^\n]*\n\s*)*CREATE\s+OR\s+REPLACE\s+VIEW\s+([A-Za-z_][A-Za-z0-9_]*)\s+AS\b",
                       re.IGNORECASE)
 _PLACEHOLDER_RE = re.compile(r"\$\{[^}]*\}")
+_LAKE_REF_RE = re.compile(r"\$\{LAKE\}(?:/([^/'\"]*))?")
 
 
 class CatalogError(RuntimeError):
@@ -84,6 +104,73 @@ def _sql_literal_path(path: Path) -> str:
     return path.as_posix().replace("'", "''")
 
 
+def _resolve_timeout(timeout_s: float | None) -> float:
+    source = "timeout_s"
+    if timeout_s is None:
+        raw = os.environ.get(ENV_TIMEOUT)
+        if raw is None or not raw.strip():
+            return DEFAULT_TIMEOUT_S
+        source = f"${ENV_TIMEOUT}"
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise CatalogError(f"{source}={raw!r} is not a number of seconds (0 disables the SQL time budget)") from None
+    if not timeout_s >= 0 or timeout_s == float("inf"):
+        raise CatalogError(f"{source}={timeout_s!r}: the SQL time budget must be a finite number of seconds >= 0 "
+                           "(0 disables it)")
+    return float(timeout_s)
+
+
+def _resolve_memory_limit(memory_limit: str | None) -> tuple[str, str]:
+    if memory_limit is not None:
+        return str(memory_limit).strip(), "memory_limit"
+    raw = os.environ.get(ENV_MEMORY_LIMIT)
+    if raw is None or not raw.strip():
+        return DEFAULT_MEMORY_LIMIT, "the default"
+    return raw.strip(), f"${ENV_MEMORY_LIMIT}"
+
+
+_RAISE_TIMEOUT = (f"raise it with `msif sql --timeout SECONDS`, ${ENV_TIMEOUT} or Catalog.open(timeout_s=...) "
+                  "(0 disables it)")
+_RAISE_MEMORY = (f"raise it with `msif sql --memory-limit SIZE` (e.g. 16GB), ${ENV_MEMORY_LIMIT} or "
+                 "Catalog.open(memory_limit=...)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class _Deadline:
+    """Interrupts a DuckDB connection if the query is still running after ``seconds``."""
+
+    def __init__(self, connection: Any, seconds: float) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._running = True
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._interrupt) if seconds > 0 else None
+        if self._timer is not None:
+            self._timer.daemon = True
+
+    def _interrupt(self) -> None:
+        with self._lock:
+            if self._running:
+                self.fired = True
+                self._connection.interrupt()
+
+    def __enter__(self) -> "_Deadline":
+        if self._timer is not None:
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 @dataclass
 class Catalog:
     """An in-memory DuckDB with the lake's views; use ``Catalog.open``."""
@@ -92,22 +179,47 @@ class Catalog:
     connection: Any
     views: list[str] = field(default_factory=list)
     empty_views: list[str] = field(default_factory=list)
+    readable_dirs: list[Path] = field(default_factory=list)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    memory_limit: str = DEFAULT_MEMORY_LIMIT
 
     @classmethod
-    def open(cls, lake_root: str | os.PathLike[str], sql_dir: str | os.PathLike[str] | None = None) -> "Catalog":
+    def open(cls, lake_root: str | os.PathLike[str], sql_dir: str | os.PathLike[str] | None = None, *,
+             timeout_s: float | None = None, memory_limit: str | None = None) -> "Catalog":
+        """Build the catalog. ``timeout_s`` (seconds, 0 = none) and ``memory_limit`` (a DuckDB
+        size such as ``"4GB"``) default to ``$MSIF_SQL_TIMEOUT`` / ``$MSIF_SQL_MEMORY_LIMIT``,
+        else DEFAULT_TIMEOUT_S / DEFAULT_MEMORY_LIMIT."""
         layout = LakeLayout(lake_root)
+        timeout = _resolve_timeout(timeout_s)
+        memory, memory_source = _resolve_memory_limit(memory_limit)
         sql_path = Path(sql_dir) if sql_dir is not None else default_sql_dir()
         files = sorted(sql_path.glob("*.sql"))
         if not files:
             raise CatalogError(f"no *.sql files in {sql_path}; set {ENV_SQL_DIR} to the catalog folder")
         con = duckdb.connect(":memory:")
-        catalog = cls(lake_root=layout.root, connection=con)
+        catalog = cls(lake_root=layout.root, connection=con, timeout_s=timeout, memory_limit=memory)
         try:
+            try:
+                con.execute("SET memory_limit = ?", [memory])
+            except duckdb.Error as exc:
+                raise CatalogError(f"{memory_source}={memory!r} is not a DuckDB memory size (e.g. 4GB, 512MB): "
+                                   f"{_first_line(exc)}") from exc
+            # No spilling: an in-memory catalog with no temp directory fails at memory_limit
+            # instead of writing (and then being allowed to read) files outside the lake.
+            con.execute("SET temp_directory = ''")
+            con.execute("SET max_temp_directory_size = '0B'")
+            con.execute("SET autoinstall_known_extensions = false")
+            con.execute("SET autoload_known_extensions = false")
+            used_dirs: set[str] = set()
             for file in files:
-                catalog._run_file(file, _sql_literal_path(layout.root))
-            # Defence in depth behind the statement guard: only the lake is readable.
-            allowed = _sql_literal_path(layout.root).rstrip("/") + "/"
-            con.execute(f"SET allowed_directories = ['{allowed}']")
+                used_dirs |= catalog._run_file(file, _sql_literal_path(layout.root))
+            # Defence in depth behind the statement guard: DuckDB may read only the table
+            # directories the views use. Views read their files at query time, so these
+            # stay allowed; everything else in (and outside) the lake is refused.
+            catalog.readable_dirs = [layout.root / name for name in TABLE_DIRS if name in used_dirs]
+            allowed = ", ".join(f"'{_sql_literal_path(d)}/'" for d in catalog.readable_dirs)
+            con.execute(f"SET allowed_directories = [{allowed}]")
+            con.execute("SET allowed_paths = []")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         except BaseException:
@@ -115,8 +227,17 @@ class Catalog:
             raise
         return catalog
 
-    def _run_file(self, file: Path, lake_literal: str) -> None:
-        text = file.read_text(encoding="utf-8").replace("${LAKE}", lake_literal)
+    def _run_file(self, file: Path, lake_literal: str) -> set[str]:
+        """Create the file's views; return the TABLE_DIRS they read."""
+        raw = file.read_text(encoding="utf-8")
+        used_dirs: set[str] = set()
+        for ref in _LAKE_REF_RE.finditer(raw):
+            if ref.group(1) not in TABLE_DIRS:
+                raise CatalogError(
+                    f"{file}: {ref.group(0)!r}: catalog views may read only the lake's table directories "
+                    f"${{LAKE}}/<dir>/... for <dir> in {', '.join(TABLE_DIRS)} (catalog.TABLE_DIRS)")
+            used_dirs.add(ref.group(1))
+        text = raw.replace("${LAKE}", lake_literal)
         leftover = _PLACEHOLDER_RE.search(text)
         if leftover:
             raise CatalogError(f"{file}: unknown placeholder {leftover.group(0)}; only ${{LAKE}} is defined")
@@ -140,6 +261,7 @@ class Catalog:
             except duckdb.Error as exc:
                 raise CatalogError(f"{file}: view {name}: {exc}") from exc
             self.views.append(name)
+        return used_dirs
 
     def _check_read_only(self, sql: str) -> str:
         try:
@@ -170,11 +292,27 @@ class Catalog:
     def query(self, sql: str, params: list[Any] | dict[str, Any] | None = None) -> pa.Table:
         """Run one read-only statement and return its rows as an Arrow table."""
         statement = self._check_read_only(sql)
-        try:
-            relation = self.connection.sql(statement, params=params)
-            return pa.table({}) if relation is None else relation.to_arrow_table()
-        except duckdb.Error as exc:
-            raise CatalogQueryError(f"query failed: {exc}") from exc
+        with _Deadline(self.connection, self.timeout_s) as deadline:
+            try:
+                relation = self.connection.sql(statement, params=params)
+                return pa.table({}) if relation is None else relation.to_arrow_table()
+            except duckdb.InterruptException as exc:
+                if deadline.fired:
+                    raise CatalogQueryError(
+                        f"query stopped: it ran past the SQL time budget of {self.timeout_s:g} s; "
+                        f"{_RAISE_TIMEOUT}") from exc
+                raise CatalogQueryError(f"query failed: {exc}") from exc
+            except duckdb.OutOfMemoryException as exc:
+                raise CatalogQueryError(
+                    f"query stopped: it needed more than the SQL memory budget of {self.memory_limit} "
+                    f"({_first_line(exc)}); {_RAISE_MEMORY}") from exc
+            except duckdb.PermissionException as exc:
+                dirs = ", ".join(f"{d.name}/" for d in self.readable_dirs) or "none"
+                raise CatalogQueryError(
+                    f"query refused: SQL may read only the lake's table directories ({dirs}) through the "
+                    f"catalog views, not other files inside or outside the lake ({_first_line(exc)})") from exc
+            except duckdb.Error as exc:
+                raise CatalogQueryError(f"query failed: {exc}") from exc
 
     def close(self) -> None:
         self.connection.close()

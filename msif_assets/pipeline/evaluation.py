@@ -280,7 +280,7 @@ def load_chunk_scores(layout: LakeLayout, ids: ModelIds) -> pa.Table:
     """Every influence row of the current model pair, through the DuckDB catalog."""
     from ..lake.catalog import Catalog
 
-    with Catalog.open(layout.root) as catalog:
+    with Catalog.open(layout.root, timeout_s=0) as catalog:  # a pipeline step, not a user query: no time budget
         return catalog.query(
             "SELECT query_id, doc_id, chunk_id, method, damping_kind, damping, score, score_mlp, score_attn "
             "FROM influence WHERE ft_model = $ft AND pt_model = $pt", {"ft": ids.ft, "pt": ids.pt})
