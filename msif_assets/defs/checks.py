@@ -65,15 +65,18 @@ def embeddings_match_chunks(context: dg.AssetCheckExecutionContext, lake: LakeRe
     )
 
 
-@dg.asset_check(asset=influence_scores, description="Scores finite; exactly one row per (query, chunk, method, damping).")
+@dg.asset_check(asset=influence_scores, blocking=True,
+                description="Scores finite; exactly one row per (query, chunk, method, damping). Blocking: a failure "
+                            "stops the assets downstream of the scores from materializing.")
 def scores_finite_and_unique(context: dg.AssetCheckExecutionContext, lake: LakeResource, inputs: InputsResource) -> dg.AssetCheckResult:
     from ..lake.catalog import Catalog
 
     ft_hash = inputs.model_ids.ft
-    catalog = Catalog.open(lake.layout().root)
+    catalog = Catalog.open(lake.layout().root, timeout_s=0)  # a check, not a user query: no time budget
     try:
         stats = catalog.query(
-            "SELECT count(*) AS n, count(*) FILTER (WHERE NOT isfinite(score)) AS nonfinite, "
+            "SELECT count(*) AS n, count(*) FILTER (WHERE NOT isfinite(score) OR NOT coalesce(isfinite(score_mlp), true) "
+            "OR NOT coalesce(isfinite(score_attn), true)) AS nonfinite, "
             "count(*) - count(DISTINCT (query_id, chunk_id, shard, method, damping_kind, damping, pt_model)) AS duplicates "
             "FROM influence WHERE ft_model = $ft", {"ft": ft_hash}
         ).to_pylist()[0]

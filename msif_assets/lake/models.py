@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 __all__ = [
     "ModelDirError", "ModelDirInfo", "LoadedModel", "TOKENIZER_FILES",
-    "validate_model_dir", "fingerprint_model_dir", "load_causal_lm", "load_model_for_finetune",
+    "validate_model_dir", "fingerprint_model_dir", "check_finite_weights", "load_causal_lm", "load_model_for_finetune",
 ]
 
 TOKENIZER_FILES = (
@@ -143,6 +143,63 @@ def fingerprint_model_dir(path: str | os.PathLike[str], chunk_bytes: int = 1 << 
     return digest.hexdigest()
 
 
+# Weight files already found finite, keyed like _FILE_DIGESTS (and under the same "racily
+# clean" rule), so the steps that each load the same model read its weights for the check once.
+_FINITE_FILES: set[tuple[str, int, int, int]] = set()
+_MAX_NAMED = 8
+
+
+def _nonfinite_summary(tensor: Any) -> str | None:
+    """``"(3 NaN) first at [1, 0]"`` for a floating tensor with NaN/±Inf values, else None."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return None
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.to(torch.float32)  # float8 and other exotic types: isfinite after widening
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    counts = [(int(torch.isnan(tensor).sum()), "NaN"), (int(torch.isposinf(tensor).sum()), "+Inf"),
+              (int(torch.isneginf(tensor).sum()), "-Inf")]
+    first = [int(i) for i in (~finite).nonzero()[0].tolist()] if tensor.dim() else []
+    return "(" + ", ".join(f"{n} {label}" for n, label in counts if n) + ")" + (f" first at {first}" if first else "")
+
+
+def check_finite_weights(info: ModelDirInfo) -> None:
+    """Raise ModelDirError naming every safetensors file and tensor of the model directory
+    that holds NaN or ±Inf values (read tensor by tensor; files already found finite are
+    remembered by path, size, mtime and inode)."""
+    from safetensors import safe_open
+
+    found: list[str] = []
+    for name in info.weight_files:
+        path = info.path / name
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key in _FINITE_FILES:
+            continue
+        bad = []
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for tensor_name in fh.keys():
+                summary = _nonfinite_summary(fh.get_tensor(tensor_name))
+                if summary:
+                    bad.append(f"{tensor_name} {summary}")
+        if bad:
+            more = f", and {len(bad) - _MAX_NAMED} more tensors" if len(bad) > _MAX_NAMED else ""
+            found.append(f"non-finite values in {path}: {', '.join(bad[:_MAX_NAMED])}{more}")
+        elif time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            _FINITE_FILES.add(key)
+    if found:
+        raise ModelDirError(
+            f"model directory {info.path} has non-finite weights — " + "; ".join(found) + " — "
+            "NaN/Inf weights make every score computed with them meaningless (they surface later as "
+            "e.g. 'linalg.eigh: The algorithm failed to converge'). The checkpoint is corrupt or its "
+            "training diverged: export the model again from a healthy checkpoint (e.g. the last one "
+            "before the loss became NaN) with save_pretrained(), or repair the named tensors"
+        )
+
+
 def _load_tokenizer(info: ModelDirInfo, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -155,6 +212,7 @@ def _load(info: ModelDirInfo, task: Task, dtype: Any, device: str | None, trust_
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    check_finite_weights(info)
     cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     model = cls.from_pretrained(str(info.path), dtype=dtype, use_safetensors=True, local_files_only=True,
                                 trust_remote_code=trust_remote_code, **kwargs)

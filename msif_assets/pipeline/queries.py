@@ -28,36 +28,112 @@ def load_queries(path: str | Path, ft: LoadedModel, settings: ComputeSettings) -
     greedy answer, marked ``"completion_source": "generated"`` in ``meta``."""
     table = read_queries_file(path)
     rows = table.to_pylist()
-    for row in rows:
+    # Every query must fit the model's window before anything runs on it: a given completion
+    # with its prompt, a prompt to complete with room for at least one generated token.
+    ids = [_query_ids(row, ft) for row in rows]
+    check_query_window(rows, ids, ft)
+    window = model_window(ft)
+    for row, (prompt_ids, _) in zip(rows, ids):
         meta = json.loads(row["meta"]) if row["meta"] else {}
         if row["completion"] is None:
             if ft.task != "causal_lm":
                 raise ValueError(f"{path}:{row['source_line']}: completion — a classification fine-tune needs the label to measure")
-            row["completion"] = greedy_completion(ft.model, ft.tokenizer, row["prompt"], settings.max_new_tokens)
+            max_new = settings.max_new_tokens if window is None else min(settings.max_new_tokens, window - len(prompt_ids))
+            row["completion"] = greedy_completion(ft.model, ft.tokenizer, row["prompt"], max_new)
             if not row["completion"].strip():
                 raise ValueError(f"{path}:{row['source_line']}: completion — the model generated an empty answer; give one")
             meta["completion_source"] = "generated"
         else:
             meta.setdefault("completion_source", "given")
         row["meta"] = json.dumps(meta, sort_keys=True)
+    check_query_window(rows, [_query_ids(row, ft) for row in rows], ft)  # generated completions, re-tokenized
     return pa.Table.from_pylist(rows, schema=tables.QUERIES.schema)
+
+
+_WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "seq_length")
+
+
+def model_window(model: LoadedModel) -> int | None:
+    """The model's context window in tokens, from its config (``max_position_embeddings``,
+    GPT-2's ``n_positions`` or ``seq_length``); None when the config names none."""
+    return _window_field(model)[0]
+
+
+def _window_field(model: LoadedModel) -> tuple[int | None, str]:
+    """The window and the config.json field it comes from (``n_positions`` for GPT-2)."""
+    config = getattr(model.model, "config", None)
+    for field in _WINDOW_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value, getattr(config, "attribute_map", {}).get(field, field)
+    return None, ""
+
+
+def _query_ids(row: dict, ft: LoadedModel) -> tuple[list[int], list[int] | None]:
+    """The token ids a query is measured on: the prompt (after ``<bos>`` for a causal LM) and
+    the completion (None when missing, and for a classification fine-tune, where it names the label)."""
+    tok = ft.tokenizer
+    prompt = list(tok(row["prompt"], add_special_tokens=False)["input_ids"])
+    if ft.task == "sequence_classification":
+        return prompt, None
+    if tok.bos_token_id is not None:
+        prompt = [tok.bos_token_id] + prompt
+    completion = None if row["completion"] is None else list(tok(row["completion"], add_special_tokens=False)["input_ids"])
+    return prompt, completion
+
+
+def check_query_window(rows: Sequence[dict], ids: Sequence[tuple[list[int], list[int] | None]], ft: LoadedModel) -> None:
+    """Raise InputError naming every query longer than the fine-tuned model's window (query id,
+    source line, token count, window): a token past the window has no position to take (GPT-2
+    fails with 'index out of range') or is silently scored past what the model was trained on."""
+    from ..lake.inputs import InputError
+
+    window, field = _window_field(ft)
+    if window is None:
+        return
+    bos = ft.task == "causal_lm" and ft.tokenizer.bos_token_id is not None
+    problems = []
+    for row, (prompt, completion) in zip(rows, ids):
+        n_prompt = len(prompt) - bos
+        where = f"{row['source_file']}:{row['source_line']}" if row.get("source_file") else "queries table"
+        parts = ("<bos> + " if bos else "") + f"{n_prompt} prompt"
+        if completion is None and ft.task == "causal_lm":
+            if len(prompt) + 1 > window:
+                problems.append(f"{row['query_id']!r} ({where}): {len(prompt)} tokens ({parts}) without a completion, "
+                                "no room in the window for a generated one")
+            continue
+        n = len(prompt) + len(completion or ())
+        if n > window:
+            what = f"{parts} + {len(completion)} completion" if completion is not None else parts
+            problems.append(f"{row['query_id']!r} ({where}): {n} tokens ({what})")
+    if problems:
+        model_dir = getattr(getattr(ft, "info", None), "path", None)
+        source = f" ({field} in {model_dir / 'config.json'})" if model_dir else f" ({field})"
+        shown = "; ".join(problems[:10]) + (f"; … {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise InputError(
+            f"{len(problems)} of {len(rows)} queries do not fit the fine-tuned model's window of {window} tokens"
+            f"{source}: {shown} — a token past the window has no position in the model (GPT-2 fails with 'index out "
+            f"of range'; rotary models score it silently beyond what they were trained on). Shorten each named query's "
+            f"prompt (and completion) to at most {window} tokens in total{' (counting <bos>)' if bos else ''}, or remove it "
+            "from the queries file"
+        )
 
 
 def query_examples(queries: pa.Table, ft: LoadedModel) -> list[LMExample]:
     """Prompt and completion are tokenized separately so the measured tokens are exactly the
-    completion's; for a classification fine-tune the completion names the label."""
-    tok = ft.tokenizer
+    completion's; for a classification fine-tune the completion names the label. Raises
+    InputError, before any compute, naming every query longer than the model's window."""
+    rows = queries.to_pylist()
+    ids = [_query_ids(row, ft) for row in rows]
+    check_query_window(rows, ids, ft)
     out = []
-    for row in queries.to_pylist():
-        prompt = list(tok(row["prompt"], add_special_tokens=False)["input_ids"])
+    for row, (prompt, completion) in zip(rows, ids):
         if ft.task == "sequence_classification":
             from .factors import _label_index
 
             out.append(classification_example(prompt, _label_index(row["completion"], ft.model.config.label2id or {})))
             continue
-        if tok.bos_token_id is not None:
-            prompt = [tok.bos_token_id] + prompt
-        out.append(query_example(prompt, list(tok(row["completion"], add_special_tokens=False)["input_ids"])))
+        out.append(query_example(prompt, completion))
     return out
 
 

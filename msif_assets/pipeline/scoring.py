@@ -65,7 +65,75 @@ def score_shard(
         index = BM25Index.build(chunks.column("text").to_pylist(), chunk_ids, stopwords=None)
         columns = [torch.from_numpy(index.scores(text)) for text in query_texts(queries)]
         results[ScoreKey("bm25")] = (torch.stack(columns, 1), None, None)
+    _require_finite(shard, candidates, chunk_ids, qids, results, vectors)
     return _rows(shard, candidates, chunk_ids, doc_ids, qids, results, pair)
+
+
+class NonFiniteScoresError(ValueError):
+    """Scoring produced NaN/±Inf; nothing is written. The message names the shard, the methods,
+    the (query, chunk) pairs and the likely cause."""
+
+
+_FIRST = 5
+
+
+def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: dict, vectors: dict) -> None:
+    """Raise NonFiniteScoresError if any score, score_mlp or score_attn about to be written for
+    this shard's candidate pairs is NaN or ±Inf (a NaN would sort first and top every ranking)."""
+    row_of = {c: i for i, c in enumerate(chunk_ids)}
+    col_of = {q: j for j, q in enumerate(qids)}
+    pairs = [(q, c) for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist())
+             if q in col_of and c in row_of]
+    if not pairs:
+        return
+    rows = torch.tensor([row_of[c] for _, c in pairs])
+    cols = torch.tensor([col_of[q] for q, _ in pairs])
+    problems, bad_pairs, bad_chunks = [], {}, set()
+    for key, parts in results.items():
+        columns, key_bad = [], torch.zeros(len(pairs), dtype=torch.bool)
+        for column, matrix in zip(("score", "score_mlp", "score_attn"), parts):
+            if matrix is None:
+                continue
+            bad = ~torch.isfinite(matrix[rows, cols])
+            if bool(bad.any()):
+                columns.append(column)
+                key_bad |= bad
+                whole = ~torch.isfinite(matrix)
+                bad_chunks |= {chunk_ids[i] for i in whole.all(1).nonzero().flatten().tolist()}
+        if columns:
+            damping = "" if key.damping is None else f" (damping {key.damping.label})"
+            problems.append(f"{key.method}{damping}: {int(key_bad.sum())} of {len(pairs)} pairs ({', '.join(columns)})")
+            for b in key_bad.nonzero().flatten().tolist():
+                bad_pairs.setdefault(pairs[b], None)
+    if not problems:
+        return
+    causes = []
+    nonfinite_vectors = sorted({
+        qids[j] for by_module in vectors.values() for tensor in by_module.values()
+        for j in (~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+    })
+    if nonfinite_vectors:
+        causes.append(f"the stored query gradients of {_names(nonfinite_vectors)} are non-finite — rematerialize "
+                      "query_gradients and look at the factor checks pt_factors_sane/ft_factors_sane")
+    elif bad_chunks:
+        causes.append(f"chunk(s) {_names(sorted(bad_chunks))} score non-finite against every query while the query "
+                      "gradients are finite: the model's activations or gradients on their text leave the float32 range "
+                      "— typically a huge (but finite) weight, such as the embedding row of a token these chunks contain "
+                      "(often <unk>); inspect those rows of the model's embedding, fix or re-export the model")
+    else:
+        causes.append("activations or gradients overflowed float32 on some (query, chunk) pairs — look for huge "
+                      "weights in the two models")
+    shown = list(bad_pairs)
+    examples = ", ".join(f"{q} × {c}" for q, c in shown[:_FIRST]) + (f" (+{len(shown) - _FIRST} more)" if len(shown) > _FIRST else "")
+    raise NonFiniteScoresError(
+        f"shard {shard}: non-finite influence scores — nothing written for this shard, so no NaN can be ranked. "
+        f"Non-finite: {'; '.join(problems)}. First pairs (query_id × chunk_id): {examples}. "
+        f"Likely cause: {'; '.join(causes)}."
+    )
+
+
+def _names(items: list[str]) -> str:
+    return ", ".join(items[:_FIRST]) + (f" (+{len(items) - _FIRST} more)" if len(items) > _FIRST else "")
 
 
 def _rows(shard, candidates: pa.Table, chunk_ids, doc_ids, qids, results, pair: ModelPair) -> pa.Table:
