@@ -8,7 +8,7 @@ from ..lake import tables
 from ..lake.embeddings import load_sentence_encoder
 from ..pipeline.factors import load_factors
 from ..pipeline.models import load_finetuned, load_pair
-from ..pipeline.queries import compute_query_vectors, load_queries, save_query_vectors, select_candidates
+from ..pipeline.queries import load_queries, select_candidates, write_query_gradients
 from .automation import HEAVY_POOL, refresh_on_change, safetensors_version, table_version
 from .corpus import SHARDS, doc_chunks, doc_embeddings
 from .factors import ft_factors, pt_factors
@@ -40,10 +40,10 @@ def query_gradients(context: dg.AssetExecutionContext, lake: LakeResource, input
     pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), ids, settings)
     table = tables.read_queries(layout)
     pt_f, ft_f = load_factors(layout.factors_file("pt", ids.pt)), load_factors(layout.factors_file("ft", ids.ft))
-    vectors = compute_query_vectors(pair.ft, pair.specs, table, pt_f, ft_f, settings)
-    paths = save_query_vectors(layout, vectors, ids, table.column("query_id").to_pylist())
+    paths = write_query_gradients(layout, pair.ft, pair.specs, table, pt_f, ft_f, ids, settings)
     return dg.MaterializeResult(
-        metadata={"queries": table.num_rows, "vectors": ", ".join(k.label for k in vectors), "modules": len(pair.specs)},
+        metadata={"queries": table.num_rows, "vectors": ", ".join(k.label for k in settings.gradient_keys), "modules": len(pair.specs),
+                  "files": len(paths), "query_rank": settings.query_rank or "full"},
         data_version=safetensors_version(*paths),
     )
 

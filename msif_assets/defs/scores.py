@@ -5,7 +5,6 @@ import dagster as dg
 
 from ..lake import tables
 from ..pipeline.models import load_pair
-from ..pipeline.queries import load_query_vectors
 from ..pipeline.scoring import score_shard
 from ..pipeline.settings import ALL_METHODS
 from .automation import HEAVY_POOL, refresh_on_change, table_version
@@ -23,8 +22,7 @@ def influence_scores(context: dg.AssetExecutionContext, lake: LakeResource, inpu
     """MS-IF, SS-IF, GDP, RepSim and BM25 scores of this shard's candidates for every query."""
     settings, layout, shard, ids = compute.settings, lake.layout(), context.partition_key, inputs.model_ids
     pair = load_pair(inputs.path("pretrained_model"), inputs.path("finetuned_model"), ids, settings)
-    vectors = load_query_vectors(layout, settings.gradient_keys, ids)
-    table = score_shard(layout, shard, pair, tables.read_queries(layout), vectors, settings)
+    table = score_shard(layout, shard, pair, tables.read_queries(layout), settings)
     tables.write_scores(layout, ids.ft, shard, table)
     return dg.MaterializeResult(
         metadata={"rows": table.num_rows, "ft_model": ids.ft, "pt_model": ids.pt, "top": dg.MetadataValue.md(_preview(table))},

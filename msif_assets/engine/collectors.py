@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from . import lowrank
 from .batching import LMBatch
+from .lowrank import LowRankQueries
 from .modules import ModuleSpec
 
 
@@ -108,24 +110,26 @@ class GradientCollector:
 class ScoreCollector:
     """Scores of every sequence against every preconditioned query, per module.
 
-    ``query_vectors[name]``: (Q, m, n). Result ``per_module``: (N, Q, M) with M modules in
-    ``specs`` order; ``per_module.sum(-1)`` is the total score. The per-sequence gradient of one
-    module lives only for the duration of one contraction. With ``per_token`` the (N, Q, T)
-    per-token contributions are kept too (costs Q× a forward of each module: analysis only).
+    ``query_vectors[name]``: (Q, m, n) dense, or :class:`LowRankQueries` (factors (Q, m, r) and
+    (Q, n, r), contracted per token without forming the matrix). Result ``per_module``:
+    (N, Q, M) with M modules in ``specs`` order; ``per_module.sum(-1)`` is the total score. The
+    per-sequence gradient of one module lives only for the duration of one contraction. With
+    ``per_token`` the (N, Q, T) per-token contributions are kept too (dense vectors: costs Q× a
+    forward of each module, analysis only; low-rank: free).
     """
 
     def __init__(
         self,
         specs: list[ModuleSpec],
-        query_vectors: dict[str, torch.Tensor],
+        query_vectors: dict[str, "torch.Tensor | LowRankQueries"],
         n_examples: int,
         max_tokens: int = 0,
         per_token: bool = False,
     ):
         first = next(iter(query_vectors.values()))
-        n_queries, device = first.shape[0], first.device
+        n_queries, device = lowrank.n_queries(first), (first.left if isinstance(first, LowRankQueries) else first).device
         self.column = {s.name: i for i, s in enumerate(specs)}
-        self.query_flat = {name: v.reshape(n_queries, -1) for name, v in query_vectors.items()}
+        self.query_flat = {name: v.reshape(n_queries, -1) for name, v in query_vectors.items() if not isinstance(v, LowRankQueries)}
         self.query_vectors = query_vectors
         self.per_module = torch.zeros(n_examples, n_queries, len(specs), dtype=torch.float64, device=device)
         self.per_token = torch.zeros(n_examples, n_queries, max_tokens, dtype=torch.float64, device=device) if per_token else None
@@ -135,6 +139,13 @@ class ScoreCollector:
         self._index = batch.index.to(self.per_module.device)
 
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
+        vectors = self.query_vectors[spec.name]
+        if isinstance(vectors, LowRankQueries):
+            tokens = lowrank.contract(a, s, vectors).double()  # (B, Q, T)
+            self.per_module[self._index, :, self.column[spec.name]] = tokens.sum(-1)
+            if self.per_token is not None:
+                self.per_token[self._index, :, : a.shape[1]] += tokens
+            return
         queries = self.query_flat[spec.name].to(a.dtype)
         gradient = _per_sequence_gradient(a, s).reshape(a.shape[0], -1)
         self.per_module[self._index, :, self.column[spec.name]] = (gradient @ queries.T).double()

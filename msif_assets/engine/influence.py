@@ -215,7 +215,7 @@ def score_examples(
     methods along Q to score them all in the same pass). Candidates need one forward+backward.
     """
     device = model_device(model)
-    vectors = {s.name: query_vectors[s.name].to(device) for s in specs}
+    vectors = {s.name: query_vectors[s.name].to(device) for s in specs}  # dense (Q, m, n) or LowRankQueries
     max_tokens = max((len(e.input_ids) for e in examples), default=0)
     collector = ScoreCollector(specs, vectors, len(examples), max_tokens, per_token)
     traverse(model, specs, make_batches(examples, batch_size, pad_id), collector, "data", 0, "scoring", _n_batches(examples, batch_size))

@@ -8,7 +8,7 @@
   factors/<pt|ft>/<model_hash>/factors.safetensors    EK-FAC factors of one model
   factors/<pt|ft>/<model_hash>/stats/shard=<shard>.safetensors   per-shard raw sums
   queries/queries.parquet
-  query_gradients/pt=<hash>/ft=<hash>/method=<m>/damping=<tag>.safetensors
+  query_gradients/pt=<hash>/ft=<hash>/method=<m>/damping=<tag>/block=<i>.safetensors   one query block
   candidates/shard=<shard>/part.parquet               candidate chunks per query (hive)
   scores/model=<ft_hash>/shard=<shard>/part.parquet   influence scores (hive)
   rejects/source=<name>/part.parquet                  rejected input rows (hive)
@@ -119,14 +119,19 @@ class LakeLayout:
     def queries_file(self) -> Path:
         return self._inside("queries", "queries.parquet")
 
-    def query_gradients_file(self, pt_model: str, ft_model: str, method: str, damping: str) -> Path:
+    def query_gradients_dir(self, pt_model: str, ft_model: str, method: str, damping: str) -> Path:
         return self._inside(
             "query_gradients",
             f"pt={validate_key(pt_model, 'pt model hash')}",
             f"ft={validate_key(ft_model, 'ft model hash')}",
             f"method={validate_key(method, 'method')}",
-            f"damping={validate_key(damping, 'damping tag')}.safetensors",
+            f"damping={validate_key(damping, 'damping tag')}",
         )
+
+    def query_gradients_file(self, pt_model: str, ft_model: str, method: str, damping: str, block: int = 0) -> Path:
+        if not isinstance(block, int) or block < 0:
+            raise PartitionKeyError(f"query block must be an integer >= 0, got {block!r}")
+        return self.query_gradients_dir(pt_model, ft_model, method, damping) / f"block={block:05d}.safetensors"
 
     @property
     def candidates_dir(self) -> Path:

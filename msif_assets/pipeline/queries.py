@@ -9,19 +9,20 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ..engine.generation import greedy_completion
+from ..engine.lowrank import truncate
 from ..engine import Damping, EkfacFactors, LMExample, classification_example, preconditioned_queries, query_example, sequence_gradients
 from ..lake import tables
 from ..lake.embeddings import encode_texts
-from ..lake.factor_store import load_tensors, save_tensors
 from ..lake.inputs import read_queries_file
 from ..lake.layout import LakeLayout
 from ..lake.models import LoadedModel
 from ..lake.vectors import ChunkVectorStore
+from . import query_store
+from .memory import check_query_block_fits
 from .models import ModelIds
-from .settings import ComputeSettings, ScoreKey
+from .settings import ComputeSettings
 
 def load_queries(path: str | Path, ft: LoadedModel, settings: ComputeSettings) -> pa.Table:
     """Queries with every completion filled in: a missing one is the fine-tuned model's
@@ -137,31 +138,28 @@ def query_examples(queries: pa.Table, ft: LoadedModel) -> list[LMExample]:
     return out
 
 
-def compute_query_vectors(
-    ft: LoadedModel, specs, queries: pa.Table, pt_factors: EkfacFactors, ft_factors: EkfacFactors, settings: ComputeSettings
-) -> dict[ScoreKey, dict[str, torch.Tensor]]:
-    """``{key: {module: (Q, m, n)}}`` for every configured method × damping that needs one."""
+def write_query_gradients(layout: LakeLayout, ft: LoadedModel, specs, queries: pa.Table, pt_factors: EkfacFactors,
+                          ft_factors: EkfacFactors, ids: ModelIds, settings: ComputeSettings) -> list[Path]:
+    """∇f on θ_ft, preconditioned for every configured method × damping, truncated to
+    ``query_rank``, written one block of ``query_batch_size`` queries at a time: memory holds one
+    block's gradients and vectors, whatever the number of queries."""
     from .factors import pad_id_of
 
-    grads = sequence_gradients(ft.model, specs, query_examples(queries, ft), settings.batch_size, pad_id_of(ft))
-    return {
-        key: preconditioned_queries(key.method, grads, pt_factors, ft_factors, key.damping or Damping())
-        for key in settings.gradient_keys
-    }
-
-
-def save_query_vectors(layout: LakeLayout, vectors: dict[ScoreKey, dict], ids: ModelIds, query_ids: list[str]) -> list[Path]:
-    paths = []
-    for key, by_module in vectors.items():
-        path = layout.query_gradients_file(ids.pt, ids.ft, key.method, key.tag)
-        meta = {"method": key.method, "damping": key.tag, "query_ids": json.dumps(query_ids), "pt_model": ids.pt, "ft_model": ids.ft}
-        save_tensors(path, {k: v.contiguous().cpu() for k, v in by_module.items()}, meta)
-        paths.append(path)
+    examples, query_ids = query_examples(queries, ft), queries.column("query_id").to_pylist()
+    check_query_block_fits(specs, settings, len(examples), "query_gradients")
+    size = settings.query_batch_size or max(len(examples), 1)
+    paths: list[Path] = []
+    for block, start in enumerate(range(0, len(examples), size)):
+        grads = sequence_gradients(ft.model, specs, examples[start : start + size], settings.batch_size, pad_id_of(ft))
+        for key in settings.gradient_keys:
+            vectors = preconditioned_queries(key.method, grads, pt_factors, ft_factors, key.damping or Damping())
+            vectors = {name: truncate(v, settings.query_rank) for name, v in vectors.items()}
+            paths.append(query_store.write_block(layout, ids, key, block, vectors, query_ids[start : start + size]))
+        del grads
+    n_blocks = -(-len(examples) // size)
+    for key in settings.gradient_keys:
+        query_store.prune_blocks(layout, ids, key, n_blocks)
     return paths
-
-
-def load_query_vectors(layout: LakeLayout, keys: Sequence[ScoreKey], ids: ModelIds) -> dict[ScoreKey, dict[str, torch.Tensor]]:
-    return {key: load_tensors(layout.query_gradients_file(ids.pt, ids.ft, key.method, key.tag))[0] for key in keys}
 
 
 def query_texts(queries: pa.Table) -> list[str]:

@@ -11,13 +11,14 @@ import datetime as dt
 import pyarrow as pa
 import torch
 
-from ..engine import score_examples
-from ..engine import make_batches
+from ..engine import lowrank, make_batches, score_examples
 from ..engine.baselines import BM25Index, representation_similarity
 from ..lake import tables
 from ..lake.layout import LakeLayout
 from .corpus import chunk_examples
 from .factors import pad_id_of
+from . import query_store
+from .memory import check_query_block_fits
 from .models import ModelPair
 from .queries import query_examples, query_texts
 from .settings import ComputeSettings, ScoreKey
@@ -28,18 +29,54 @@ def _stacked_scores(model, specs, keyed_vectors: dict[ScoreKey, dict], examples,
     keys = list(keyed_vectors)
     if not keys:
         return {}
-    n_queries = next(iter(keyed_vectors[keys[0]].values())).shape[0]
-    stacked = {s.name: torch.cat([keyed_vectors[k][s.name] for k in keys], 0) for s in specs}
+    n_queries = lowrank.n_queries(next(iter(keyed_vectors[keys[0]].values())))
+    stacked = {s.name: lowrank.stack([keyed_vectors[k][s.name] for k in keys]) for s in specs}
     scores = score_examples(model, specs, stacked, examples, settings.batch_size, pad_id)
     parts = (scores.total, scores.group_total("mlp"), scores.group_total("attn"))
     return {k: tuple(p[:, i * n_queries : (i + 1) * n_queries].cpu() for p in parts) for i, k in enumerate(keys)}
 
 
-def score_shard(
-    layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Table, vectors: dict[ScoreKey, dict], settings: ComputeSettings
-) -> pa.Table:
-    """Rows of tables.SCORES for every (candidate, query) pair of ``shard`` and every method
-    (``vectors``: the query vectors of ``settings.gradient_keys``)."""
+def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], examples, settings: ComputeSettings) -> tuple[dict, list[str]]:
+    """MS-IF, SS-IF and GDP columns ``{key: (total, mlp, attn)}`` (N, Q), one stored query block
+    at a time (a block's vectors are the only ones in memory), and the ids of queries whose
+    stored vectors are non-finite."""
+    keys = settings.gradient_keys
+    if not keys:
+        return {}, []
+    check_query_block_fits(pair.specs, settings, len(qids), "influence_scores")
+    parts: dict[ScoreKey, list[tuple]] = {k: [] for k in keys}
+    seen: list[str] = []
+    nonfinite: list[str] = []
+    for block in range(max(query_store.block_count(layout, pair.ids, keys[0]), 1)):  # none written: block 0 says so
+        block_ids = query_store.block_query_ids(layout, pair.ids, keys[0], block)
+        vectors = {k: query_store.read_block(layout, pair.ids, k, block) for k in keys}
+        nonfinite += [block_ids[j] for j in _nonfinite_rows(vectors)]
+        on_pt = {k: v for k, v in vectors.items() if not k.on_finetuned_model}
+        on_ft = {k: v for k, v in vectors.items() if k.on_finetuned_model}
+        block_scores = _stacked_scores(pair.pt.model, pair.specs, on_pt, examples, settings, pad_id_of(pair.pt))
+        if on_ft and pair.ft.task == "causal_lm":
+            block_scores.update(_stacked_scores(pair.ft.model, pair.specs, on_ft, examples, settings, pad_id_of(pair.ft)))
+        for key, value in block_scores.items():
+            parts[key].append(value)
+        seen += block_ids
+    if seen != qids:
+        raise ValueError(f"the stored query gradients hold queries {seen[:5]}… but the queries table has {qids[:5]}…; "
+                         "rematerialize query_gradients")
+    joined = {k: tuple(torch.cat([p[i] for p in v], 1) for i in range(3)) for k, v in parts.items() if v}
+    return joined, sorted(set(nonfinite))
+
+
+def _nonfinite_rows(vectors: dict[ScoreKey, dict]) -> set[int]:
+    rows: set[int] = set()
+    for by_module in vectors.values():
+        for v in by_module.values():
+            for t in ((v.left, v.right) if isinstance(v, lowrank.LowRankQueries) else (v,)):
+                rows |= set((~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)).nonzero().flatten().tolist())
+    return rows
+
+
+def score_shard(layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Table, settings: ComputeSettings) -> pa.Table:
+    """Rows of tables.SCORES for every (candidate, query) pair of ``shard`` and every method."""
     candidates = tables.read_candidates(layout, shard)
     chunks = tables.read_chunks(layout, shard)
     wanted = set(candidates.column("chunk_id").to_pylist())
@@ -49,13 +86,8 @@ def score_shard(
     if not chunk_ids:
         return tables.SCORES.schema.empty_table()
 
-    results: dict[ScoreKey, tuple] = {}
     pt_examples = chunk_examples(chunks, pair.pt.tokenizer.bos_token_id)
-    on_pt = {k: v for k, v in vectors.items() if not k.on_finetuned_model}
-    on_ft = {k: v for k, v in vectors.items() if k.on_finetuned_model}
-    results.update(_stacked_scores(pair.pt.model, pair.specs, on_pt, pt_examples, settings, pad_id_of(pair.pt)))
-    if on_ft and pair.ft.task == "causal_lm":
-        results.update(_stacked_scores(pair.ft.model, pair.specs, on_ft, pt_examples, settings, pad_id_of(pair.ft)))
+    results, nonfinite_queries = _influence_scores(layout, pair, qids, pt_examples, settings)
     if "repsim" in settings.methods:
         pad = pad_id_of(pair.pt)
         cand = make_batches(pt_examples, settings.batch_size, pad, sort_by_length=False)
@@ -65,7 +97,7 @@ def score_shard(
         index = BM25Index.build(chunks.column("text").to_pylist(), chunk_ids, stopwords=None)
         columns = [torch.from_numpy(index.scores(text)) for text in query_texts(queries)]
         results[ScoreKey("bm25")] = (torch.stack(columns, 1), None, None)
-    _require_finite(shard, candidates, chunk_ids, qids, results, vectors)
+    _require_finite(shard, candidates, chunk_ids, qids, results, nonfinite_queries)
     return _rows(shard, candidates, chunk_ids, doc_ids, qids, results, pair)
 
 
@@ -77,7 +109,7 @@ class NonFiniteScoresError(ValueError):
 _FIRST = 5
 
 
-def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: dict, vectors: dict) -> None:
+def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: dict, nonfinite_vectors: list[str]) -> None:
     """Raise NonFiniteScoresError if any score, score_mlp or score_attn about to be written for
     this shard's candidate pairs is NaN or ±Inf (a NaN would sort first and top every ranking)."""
     row_of = {c: i for i, c in enumerate(chunk_ids)}
@@ -108,10 +140,6 @@ def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: 
     if not problems:
         return
     causes = []
-    nonfinite_vectors = sorted({
-        qids[j] for by_module in vectors.values() for tensor in by_module.values()
-        for j in (~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(1)).nonzero().flatten().tolist()
-    })
     if nonfinite_vectors:
         causes.append(f"the stored query gradients of {_names(nonfinite_vectors)} are non-finite — rematerialize "
                       "query_gradients and look at the factor checks pt_factors_sane/ft_factors_sane")

@@ -99,6 +99,8 @@ class ComputeSettings:
     factor_shards: tuple[str, ...] = _help("corpus shards whose chunks fit the pre-trained factors; empty = all", ())
     methods: tuple[str, ...] = _help(f"methods scored, from {', '.join(ALL_METHODS)}", ALL_METHODS)
     dampings: tuple[Damping, ...] = _help("rel:<α> (α · mean Λ per module) or abs:<λ>; each is scored", (Damping("relative", 0.1),))
+    query_rank: int = _help("rank of the stored query vectors per module (truncated SVD); 0 = full rank, exact", 0)
+    query_batch_size: int = _help("queries per block: gradients, vectors and scoring hold one block at a time; 0 = all", 64)
     knn_k: int = _help("candidate chunks per query and shard from LanceDB KNN", 20)
     bm25_k: int = _help("… united with this many BM25 hits per query and shard", 0)
     all_chunks_below: int = _help("a shard of at most this many chunks is scored in full", 0)
@@ -126,7 +128,7 @@ class ComputeSettings:
         for name in ("knn_k", "max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}; must be >= 1")
-        for name in ("max_chunk_tokens", "bm25_k", "all_chunks_below"):
+        for name in ("max_chunk_tokens", "bm25_k", "all_chunks_below", "query_rank", "query_batch_size"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)}; must be >= 0")
         if problems:

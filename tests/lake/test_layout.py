@@ -12,8 +12,8 @@ def test_paths_follow_the_documented_layout(tmp_path):
     assert lake.rejects_file("corpus-s1") == root / "rejects/source=corpus-s1/part.parquet"
     assert lake.factors_file("pt", "h1") == root / "factors/pt/h1/factors.safetensors"
     assert lake.factor_stats_file("ft", "h2", "s3") == root / "factors/ft/h2/stats/shard=s3.safetensors"
-    assert lake.query_gradients_file("p", "f", "ms-if", "rel-0.1") == (
-        root / "query_gradients/pt=p/ft=f/method=ms-if/damping=rel-0.1.safetensors")
+    assert lake.query_gradients_file("p", "f", "ms-if", "rel-0.1", 3) == (
+        root / "query_gradients/pt=p/ft=f/method=ms-if/damping=rel-0.1/block=00003.safetensors")
     assert lake.queries_file == root / "queries/queries.parquet"
     assert lake.candidates_file("s1") == root / "candidates/shard=s1/part.parquet"
     assert lake.eval_file("eval_summary") == root / "eval/eval_summary.parquet"
