@@ -226,7 +226,9 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: Any = None, device: str 
     """Load a causal LM and its tokenizer (device defaults to cuda when available).
 
     ``dtype`` defaults to torch.float32; extra kwargs go to ``from_pretrained``
-    (e.g. ``attn_implementation="sdpa"``).
+    (e.g. ``attn_implementation="sdpa"``). It is always passed explicitly: weights stored in
+    bfloat16/float16 (as Pythia and Llama are published) are read as stored and upcast — exactly —
+    to ``dtype``, whereas transformers' own default (``"auto"``) would keep them in half precision.
     """
     import torch
 

@@ -1,0 +1,82 @@
+"""The whole lineage on a bfloat16 pt/ft pair (how Pythia and Llama are published): it runs in
+the float32 compute dtype, its scores are finite and equal those of the same weights saved in
+float32, and its rows carry the content ids of the bfloat16 directories."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from msif_assets.app import runner
+from msif_assets.lake.layout import LakeLayout
+from msif_assets.lake.models import fingerprint_model_dir, load_causal_lm
+from msif_assets.lake.tables import read_scores
+
+from .byo_world import byo_definitions, make_world, save_model
+
+KEY = ["query_id", "shard", "chunk_id", "method", "damping_kind", "damping"]
+
+
+def _rewrite(src: Path, dst: Path, dtype: torch.dtype) -> None:
+    """``src`` saved again with its weights in ``dtype`` (bfloat16: rounded; float32: exact upcast)."""
+    if dtype == torch.float32:
+        loaded = load_causal_lm(src, dtype=torch.float32, device="cpu")
+        save_model(loaded.model, loaded.tokenizer, dst)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        model.save_pretrained(dst, safe_serialization=True)
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, dst / f.name)
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16" if dtype == torch.bfloat16 else "F32"}
+
+
+def _materialize(root: Path, inputs: dict) -> pa.Table:
+    defs = byo_definitions(root, inputs)
+    instance = dg.DagsterInstance.ephemeral()
+    runner.register_shards(instance, inputs["inbox"])
+    runner.observe_inputs(defs, instance)
+    ran = runner.execute(defs, instance, runner.all_requests(defs, instance))
+    assert {("influence_scores", "shard-0"), ("influence_scores", "shard-1")} <= ran.keys()
+    ft_model = fingerprint_model_dir(inputs["finetuned_model"])[:16]
+    layout = LakeLayout(root / "lake")
+    tables = [read_scores(layout, ft_model, shard) for shard in ("shard-0", "shard-1")]
+    return pa.concat_tables(tables).sort_by([(k, "ascending") for k in KEY])
+
+
+@pytest.mark.slow
+def test_bf16_world_scores_equal_its_float32_upcast(tmp_path):
+    inputs = make_world(tmp_path / "src")
+    worlds = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("f32", torch.float32)):
+        root = tmp_path / name
+        models = {}
+        for key in ("pretrained_model", "finetuned_model"):
+            # the float32 world is the exact upcast of the bfloat16 one
+            src = Path(inputs[key]) if name == "bf16" else Path(worlds["bf16"][0][key])
+            _rewrite(src, root / key, dtype)
+            models[key] = str(root / key)
+        worlds[name] = ({**inputs, **models}, root)
+
+    half = _materialize(worlds["bf16"][1], worlds["bf16"][0])
+    upcast = _materialize(worlds["f32"][1], worlds["f32"][0])
+    ids = {k: fingerprint_model_dir(worlds["bf16"][0][k])[:16] for k in ("pretrained_model", "finetuned_model")}
+    assert set(half.column("ft_model").to_pylist()) == {ids["finetuned_model"]}
+    assert set(half.column("pt_model").to_pylist()) - {None} == {ids["pretrained_model"]}
+
+    assert half.num_rows == upcast.num_rows > 0
+    for column in KEY + ["doc_id", "rank"]:
+        assert half.column(column).to_pylist() == upcast.column(column).to_pylist(), column
+    assert {"ms-if", "ss-if", "gdp"} <= set(half.column("method").to_pylist())
+    a = torch.tensor(half.column("score").to_pylist(), dtype=torch.float64)
+    b = torch.tensor(upcast.column("score").to_pylist(), dtype=torch.float64)
+    assert bool(torch.isfinite(a).all())
+    print(f"bf16 world vs float32 upcast: {half.num_rows} rows, max |Δscore| = {float((a - b).abs().max())!r}, "
+          f"max |score| = {float(a.abs().max())!r}")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max()))
