@@ -141,12 +141,15 @@ class ScoreCollector:
     def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
         vectors = self.query_vectors[spec.name]
         if isinstance(vectors, LowRankQueries):
-            tokens = lowrank.contract(a, s, vectors).double()  # (B, Q, T)
-            self.per_module[self._index, :, self.column[spec.name]] = tokens.sum(-1)
-            if self.per_token is not None:
-                self.per_token[self._index, :, : a.shape[1]] += tokens
-            return
-        queries = self.query_flat[spec.name].to(a.dtype)
+            if self.per_token is not None or lowrank.token_path_is_cheaper(vectors, a.shape[0], a.shape[1], s.shape[-1], a.shape[-1]):
+                tokens = lowrank.contract(a, s, vectors).double()  # (B, Q, T)
+                self.per_module[self._index, :, self.column[spec.name]] = tokens.sum(-1)
+                if self.per_token is not None:
+                    self.per_token[self._index, :, : a.shape[1]] += tokens
+                return
+            queries = vectors.dense().to(a.dtype).reshape(vectors.n_queries, -1)  # this module only, this batch only
+        else:
+            queries = self.query_flat[spec.name].to(a.dtype)
         gradient = _per_sequence_gradient(a, s).reshape(a.shape[0], -1)
         self.per_module[self._index, :, self.column[spec.name]] = (gradient @ queries.T).double()
         if self.per_token is not None:

@@ -5,7 +5,7 @@ instead of m·n, and scoring contracts each token against the factors without fo
 
     ⟨V_q, Σ_t s_t a_tᵀ⟩ = Σ_t Σ_k (s_tᵀ L_qk)(a_tᵀ R_qk)
 
-At ``rank >= min(m, n)`` the truncation is exact and the dense matrix is kept (it is smaller).
+Where the factors would not be smaller than the matrix (r(m + n) >= m·n) the dense matrix is kept.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ QueryVectors = "torch.Tensor | LowRankQueries"
 def truncate(vectors: torch.Tensor, rank: int) -> torch.Tensor | LowRankQueries:
     """The best rank-``rank`` approximation of each (m, n) matrix of ``vectors`` (Q, m, n), in
     Frobenius norm (SVD in float64, factors returned in the input dtype); the dense input when
-    ``rank`` is 0 or at least min(m, n)."""
+    ``rank`` is 0 or the factors would not be smaller (r(m + n) >= m·n, which includes r >= min(m, n))."""
     q, m, n = vectors.shape
-    if rank <= 0 or rank >= min(m, n):
+    if rank <= 0 or rank * (m + n) >= m * n:
         return vectors
     u, sigma, vh = torch.linalg.svd(vectors.double(), full_matrices=False)
     left = u[..., :rank] * sigma[:, None, :rank]
@@ -68,6 +68,15 @@ def stack(parts: list[torch.Tensor | LowRankQueries]) -> torch.Tensor | LowRankQ
 
 def n_queries(vectors: torch.Tensor | LowRankQueries) -> int:
     return vectors.n_queries if isinstance(vectors, LowRankQueries) else int(vectors.shape[0])
+
+
+def token_path_is_cheaper(vectors: LowRankQueries, batch: int, tokens: int, m: int, n: int) -> bool:
+    """Multiply-adds per batch of B sequences of T tokens: against the factors token by token,
+    B·T·Q·r·(m + n), versus forming this module's V = L Rᵀ once for the batch and the dense path,
+    Q·m·n·r + B·m·n·(T + Q). Small ranks and short sequences favour the factors; both give the
+    same scores."""
+    q, r = vectors.n_queries, vectors.rank
+    return batch * tokens * q * r * (m + n) <= q * m * n * r + batch * m * n * (tokens + q)
 
 
 def contract(a: torch.Tensor, s: torch.Tensor, vectors: LowRankQueries) -> torch.Tensor:

@@ -35,8 +35,12 @@ def test_full_rank_factors_score_exactly_like_the_dense_vectors(world):
     torch.testing.assert_close(factored.per_token.sum(-1), factored.total, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["tokens", "dense"])
 @pytest.mark.parametrize("rank", [1, 2])
-def test_rank_r_scores_equal_the_dense_product_of_the_stored_factors(world, rank):
+def test_rank_r_scores_equal_the_dense_product_of_the_stored_factors(world, rank, path, monkeypatch):
+    from msif_assets.engine import lowrank
+
+    monkeypatch.setattr(lowrank, "token_path_is_cheaper", lambda *args: path == "tokens")
     model, specs, candidates, grads = world
     factors = _factored(grads, rank)
     assert any(isinstance(f, LowRankQueries) for f in factors.values())
@@ -48,12 +52,13 @@ def test_rank_r_scores_equal_the_dense_product_of_the_stored_factors(world, rank
 
 def test_truncation_is_the_best_rank_r_approximation():
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    v = torch.randn(3, 40, 30, generator=gen, dtype=torch.float64)
     sigma = torch.linalg.svdvals(v)
-    for rank in (1, 2, 4):
+    for rank in (1, 2, 4, 17):
         error = torch.linalg.matrix_norm(v - truncate(v, rank).dense())
         torch.testing.assert_close(error, sigma[:, rank:].square().sum(-1).sqrt())
-    assert truncate(v, 5) is v and truncate(v, 0) is v  # full rank (and 0 = off): the dense matrix
+    # 0 = off, and from r(m + n) >= m·n (r = 18 here) the factors would not be smaller: the dense matrix
+    assert truncate(v, 0) is v and truncate(v, 18) is v and truncate(v, 30) is v
 
 
 def test_stacking_keeps_the_factored_form_when_ranks_agree():
