@@ -17,8 +17,8 @@ import dagster as dg
 from dagster._core.definitions.observe import observe
 from dagster._serdes import deserialize_value, serialize_value
 
-from ..pipeline.corpus import inbox_shards
-from ..defs.corpus import SHARDS
+from ..pipeline.corpus import scan_inbox
+from ..defs.corpus import SHARDS, record_inbox_observations
 from ..defs.inputs import SOURCES
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,25 @@ class RunLog:
         return set(self.executed)
 
 
-def register_shards(instance: dg.DagsterInstance, inbox: str | Path) -> list[str]:
-    """Add a shard partition for every inbox file not yet known (what the inbox sensor does)."""
+class NewShards(list):
+    """The shards :func:`register_shards` added (a list), with ``problems``: one message per
+    inbox entry not read (ignored suffix, hidden file, outside the inbox), each logged."""
+
+    problems: list[str]
+
+
+def register_shards(instance: dg.DagsterInstance, inbox: str | Path) -> NewShards:
+    """Add a shard partition for every inbox file not yet known and observe its content (what
+    the inbox sensor does); every inbox entry not read is logged as a warning."""
+    scan = scan_inbox(inbox)
+    for problem in scan.problems:
+        log.warning("inbox: %s", problem)
     known = set(instance.get_dynamic_partitions(SHARDS.name))
-    new = sorted(set(inbox_shards(inbox)) - known)
+    new = NewShards(sorted(set(scan.shards) - known))
+    new.problems = scan.problems
     if new:
         instance.add_dynamic_partitions(SHARDS.name, new)
+    record_inbox_observations(instance, inbox, scan)
     return new
 
 
@@ -58,6 +71,8 @@ def _quiet_console() -> dict:
 
 def observe_inputs(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
     observe(SOURCES, instance=instance, resources=defs.resources, run_config=_quiet_console())
+    # the known shards' inbox files too: an edited shard file is a new data version
+    record_inbox_observations(instance, defs.resources["inputs"].path("inbox"))
 
 
 def _graph(defs: dg.Definitions):

@@ -9,7 +9,7 @@ import dagster as dg
 
 from .checks import CHECKS
 from ..config import MsifConfig
-from .corpus import corpus_shards, doc_chunks, doc_embeddings
+from .corpus import corpus_shards, doc_chunks, doc_embeddings, inbox_files
 from .factors import ft_factors, pt_covariance, pt_eigenbasis, pt_factors, pt_lambda
 from .inputs import SOURCES
 from .queries import candidates, queries, query_gradients
@@ -67,7 +67,7 @@ def build_resources(config: MsifConfig) -> dict:
 def build_definitions(config: MsifConfig) -> dg.Definitions:
     resources = build_resources(config)
     versioned = [*LINEAGE, *(a for a in EVAL_ASSETS if a is not ekfac_fidelity)]  # fidelity versions its own config
-    assets: list = [*SOURCES, *(_with_config_versions(a, config.compute) for a in versioned), ekfac_fidelity]
+    assets: list = [*SOURCES, inbox_files, *(_with_config_versions(a, config.compute) for a in versioned), ekfac_fidelity]
     checks = list(CHECKS)
     if config.is_demo:
         from .demo import DEMO_ASSETS, DEMO_CHECKS, demo_resource

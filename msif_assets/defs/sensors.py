@@ -7,8 +7,8 @@ import os
 
 import dagster as dg
 
-from ..pipeline.corpus import inbox_shards
-from .corpus import SHARDS, corpus_shards
+from ..pipeline.corpus import scan_inbox
+from .corpus import SHARDS, inbox_files, inbox_observations
 from .inputs import SOURCES
 from .resources import InputsResource
 
@@ -29,21 +29,30 @@ def _stat_signature(path: str) -> str:
     return "|".join(parts)
 
 
-@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING, asset_selection=[corpus_shards])
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING, target=[inbox_files])
 def inbox_sensor(context: dg.SensorEvaluationContext, inputs: InputsResource) -> dg.SensorResult:
-    """A new file in the inbox adds a shard partition; a changed file re-reads its shard."""
+    """A new file in the inbox adds a shard partition; a new or changed file is observed as a
+    new ``inbox_files`` data version, so automation (re-)ingests its shard and refreshes what
+    depends on it. Files not read (other suffixes, hidden, outside the inbox) are logged."""
+    scan = scan_inbox(inputs.path("inbox"))
     seen = json.loads(context.cursor) if context.cursor else {}
-    current = {shard: _stat_signature(str(files[0])) for shard, files in inbox_shards(inputs.path("inbox")).items()}
     known = set(context.instance.get_dynamic_partitions(SHARDS.name))
-    new = sorted(set(current) - known)
-    changed = sorted(s for s in current if s in known and s in seen and seen[s] != current[s])
-    vanished = sorted(known - set(current))
-    if vanished:
+    new = sorted(set(scan.shards) - known)
+    vanished = sorted(known - set(scan.shards))
+    problems = scan.problems
+    if not isinstance(seen, dict) or "problems" not in seen:  # a cursor from before: log everything once
+        seen = {"problems": [], "vanished": []}
+    for problem in problems:
+        if problem not in seen["problems"]:
+            context.log.warning(f"inbox: {problem}")
+    if vanished and vanished != seen["vanished"]:
         context.log.warning(f"shard files gone from the inbox (their data stays in the lake): {vanished}")
+    # partitions are added after the events are stored, so observe the new shards by name
+    events = inbox_observations(context.instance, scan, shards=known | set(new))
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=s, asset_selection=[corpus_shards.key], run_key=f"{s}:{current[s]}") for s in changed],
+        asset_events=events,
         dynamic_partitions_requests=[SHARDS.build_add_request(new)] if new else [],
-        cursor=json.dumps(current),
+        cursor=json.dumps({"problems": problems, "vanished": vanished}),
     )
 
 

@@ -19,6 +19,8 @@ from .modules import ModuleSpec
 
 
 def _merge_sums(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not left or not right:  # a partition with no tokens (an empty shard) adds nothing
+        return dict(left or right)
     if left.keys() != right.keys():
         raise ValueError(f"cannot merge statistics over different modules: {sorted(left.keys() ^ right.keys())}")
     return {name: left[name] + right[name] for name in left}

@@ -13,6 +13,10 @@ Corpus file formats (chosen by suffix):
 - ``.txt``: one document per non-blank line; ``doc_id = "<file stem>:<line number>"``
   (1-based physical line number, so ids stay stable when blank lines are present).
 
+Suffixes match case-insensitively (``.JSONL`` is JSON Lines). Every string stored must be
+valid Unicode: a JSON ``\\ud800``-style escape of a lone surrogate in ``doc_id``, ``text``
+or a metadata field (key or value) rejects the row, like bytes that are not UTF-8.
+
 Tables returned:
   docs    (tables.DOCUMENTS)  shard, doc_id, text, meta, source_file, source_line
   rejects (tables.REJECTS)    source, file, line, field, reason, raw
@@ -34,7 +38,7 @@ from msif_assets.lake.tables import DOCUMENTS, QUERIES, REJECTS
 __all__ = [
     "InputError", "ShardRead", "FinetuneData", "CORPUS_SUFFIXES", "FINETUNE_SCHEMA",
     "read_corpus_shard", "read_corpus_file", "shard_key_from_path", "corpus_reject_source",
-    "find_cross_shard_duplicates", "read_queries_file", "read_finetune_file",
+    "find_cross_shard_duplicates", "reject_cross_shard_duplicates", "read_queries_file", "read_finetune_file",
 ]
 
 CORPUS_SUFFIXES = (".jsonl", ".parquet", ".txt")
@@ -76,17 +80,44 @@ class _Reject(NamedTuple):
     reason: str
 
 
+def _storable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) shown as ``\\udXXX``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _clip(raw: str) -> str:
+    raw = _storable(raw)
     return raw if len(raw) <= _RAW_LIMIT else raw[:_RAW_LIMIT] + "…"
+
+
+def _unicode_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored (a lone surrogate), or None."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return (f"invalid Unicode: lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start} "
+                "(a \\uXXXX escape without its pair); fix the escape or the text that produced it")
 
 
 def _decode(raw: bytes, line_no: int) -> str | _Reject:
     if line_no == 1 and raw.startswith(_BOM):
         raw = raw[len(_BOM):]
     try:
-        return raw.decode("utf-8").rstrip("\r\n")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
-        return _Reject("<line>", f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8")
+        hint = ""
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+            hint = " (NUL bytes or a UTF-16 byte-order mark: the file looks UTF-16)"
+        return _Reject("<line>", f"invalid UTF-8 at byte {exc.start}{hint}; re-encode the file as UTF-8")
+    if "\x00" in text:
+        return _Reject("<line>", f"NUL byte at character {text.index(chr(0))}: the file looks UTF-16 or binary; "
+                                 "re-encode it as UTF-8 text")
+    return text
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, "str | _Reject", str]]:
@@ -137,12 +168,28 @@ def _check_str(obj: dict, field: str, *, required: bool = True) -> str | _Reject
         return _Reject(field, f"expected a string, got {type(value).__name__}")
     if not value.strip():
         return _Reject(field, "empty or blank string")
+    problem = _unicode_problem(value)
+    if problem is not None:
+        return _Reject(field, problem)
     return value
 
 
 def _meta(obj: dict, known: Iterable[str]) -> str:
     extras = {k: v for k, v in obj.items() if k not in set(known)}
     return json.dumps(extras, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _meta_or_reject(obj: dict, known: Iterable[str]) -> str | _Reject:
+    """The metadata JSON string, or a reject naming the first field that is not valid Unicode."""
+    meta = _meta(obj, known)
+    if _unicode_problem(meta) is None:
+        return meta
+    for key in sorted((k for k in obj if k not in set(known)), key=_storable):
+        for part in (key, json.dumps(obj[key], ensure_ascii=False, default=str)):
+            problem = _unicode_problem(part)
+            if problem is not None:
+                return _Reject(_storable(key), f"metadata {'key' if part is key else 'value'}: {problem}")
+    return _Reject("<line>", "metadata is not valid Unicode; fix the line")  # unreachable in practice
 
 
 def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
@@ -166,8 +213,8 @@ def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
                              f"use one of {', '.join(CORPUS_SUFFIXES)}")
 
         def reject(line: int | None, field: str, reason: str, raw: str) -> None:
-            rejects.append({"source": source, "file": str(path), "line": line,
-                            "field": field, "reason": reason, "raw": _clip(raw)})
+            rejects.append({"source": source, "file": _storable(str(path)), "line": line,
+                            "field": _storable(field), "reason": _storable(reason), "raw": _clip(raw)})
 
         try:
             for row in reader(path):
@@ -176,7 +223,8 @@ def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
                     continue
                 doc_id = _check_str(row.obj, "doc_id")
                 text = _check_str(row.obj, "text")
-                bad = next((v for v in (doc_id, text) if isinstance(v, _Reject)), None)
+                meta = _meta_or_reject(row.obj, ("doc_id", "text"))
+                bad = next((v for v in (doc_id, text, meta) if isinstance(v, _Reject)), None)
                 if bad is not None:
                     reject(row.line, bad.field, bad.reason, row.raw)
                     continue
@@ -186,10 +234,9 @@ def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
                            f"first seen at {first_seen[doc_id]} (kept)", row.raw)
                     continue
                 first_seen[doc_id] = where
-                docs.append({"shard": shard, "doc_id": doc_id, "text": text,
-                             "meta": _meta(row.obj, ("doc_id", "text")),
+                docs.append({"shard": shard, "doc_id": doc_id, "text": text, "meta": meta,
                              "source_file": str(path), "source_line": row.line})
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:
             reject(None, "<file>", f"unreadable file: {exc}", "")
     return ShardRead(pa.Table.from_pylist(docs, schema=DOCUMENTS.schema),
                      pa.Table.from_pylist(rejects, schema=REJECTS.schema))
@@ -215,6 +262,42 @@ def find_cross_shard_duplicates(docs: pa.Table | Iterable[pa.Table]) -> pa.Table
             for d, s in zip(grouped.column("doc_id").to_pylist(), grouped.column("shard_distinct").to_pylist())
             if len(s) > 1]
     return pa.Table.from_pylist(sorted(rows, key=lambda r: r["doc_id"]), schema=schema)
+
+
+def reject_cross_shard_duplicates(docs: pa.Table, earlier: pa.Table) -> ShardRead:
+    """Split one shard's ``docs`` on the cross-shard rule: a ``doc_id`` that a shard whose
+    name sorts first also has stays there, and is rejected here.
+
+    ``earlier``: columns ``doc_id``, ``shard``, ``source_file``, ``source_line`` of the
+    (in-shard valid) documents of every shard whose name sorts before this one; when an id is
+    in several, the first by (shard, file, line) is named as the one that keeps it.
+    Returns (kept docs, reject rows naming both shards and both locations).
+    """
+    if docs.num_rows == 0 or earlier.num_rows == 0:
+        return ShardRead(docs, REJECTS.schema.empty_table())
+    import pyarrow.compute as pc
+
+    taken = pc.is_in(docs.column("doc_id"), value_set=earlier.column("doc_id").combine_chunks())
+    if not pc.any(taken).as_py():
+        return ShardRead(docs, REJECTS.schema.empty_table())
+    owner: dict[str, dict] = {}
+    order = earlier.sort_by([("shard", "ascending"), ("source_file", "ascending"), ("source_line", "ascending")])
+    for row in order.filter(pc.is_in(order.column("doc_id"), value_set=docs.column("doc_id").combine_chunks())).to_pylist():
+        owner.setdefault(row["doc_id"], row)
+    rejects = []
+    for row in docs.filter(taken).to_pylist():
+        first = owner[row["doc_id"]]
+        raw = json.dumps({"doc_id": row["doc_id"], "text": row["text"], **json.loads(row["meta"])},
+                         ensure_ascii=False, default=str)
+        rejects.append({
+            "source": corpus_reject_source(row["shard"]), "file": row["source_file"], "line": row["source_line"],
+            "field": "doc_id",
+            "reason": f"duplicate doc_id {row['doc_id']!r} across shards: shard {first['shard']!r} has it too "
+                      f"({first['source_file']}:{first['source_line']}) and sorts before shard {row['shard']!r}, "
+                      "so it is kept there — give the documents distinct ids or remove one",
+            "raw": _clip(raw),
+        })
+    return ShardRead(docs.filter(pc.invert(taken)), pa.Table.from_pylist(rejects, schema=REJECTS.schema))
 
 
 def _strict_rows(path: Path, what: str) -> Iterator[tuple[int, dict]]:

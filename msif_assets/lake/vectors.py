@@ -135,8 +135,12 @@ class ChunkVectorStore:
         """Make the store's rows of ``shard`` exactly ``data``; returns the row count."""
         validate_key(shard, "shard")
         table = self._table()
-        if table is None and data.num_rows == 0:
-            return 0  # nothing stored and nothing to store (e.g. every document was rejected)
+        if data.num_rows == 0:
+            # an empty shard (empty file, every row rejected): no vectors to infer a dimension
+            # from, and none needed — the shard's rows are simply gone
+            if table is not None:
+                table.delete(_shard_filter([shard]))
+            return 0
         data = self._prepare(shard, data)
         if table is None:
             table = self._db.create_table(TABLE_NAME, schema=data.schema, exist_ok=True)
