@@ -79,3 +79,14 @@ COMPUTE = {"batch_size": 4, "knn_k": 3, "dampings": ["rel:0.1", "abs:0.001"], "m
 def byo_definitions(root: Path, inputs: dict[str, str], **compute):
     config = MsifConfig(lake_root=str(root / "lake"), inputs=inputs, compute={**COMPUTE, **compute})
     return build_definitions(config)
+
+
+def step_failures(instance) -> list[str]:
+    """Messages (with their causes) of every failed step of the instance's last run."""
+    out = []
+    for record in instance.all_logs(instance.get_runs(limit=1)[0].run_id):
+        event = record.dagster_event
+        if event and event.event_type_value == "STEP_FAILURE":
+            error = event.event_specific_data.error
+            out.append(error.message + (error.cause.message if error.cause else ""))
+    return out

@@ -15,7 +15,7 @@ from msif_assets.app import runner
 from msif_assets.lake.catalog import Catalog
 from msif_assets.pipeline.model_analysis import parameter_proximity
 
-from .byo_world import byo_definitions, make_world, write_jsonl
+from .byo_world import byo_definitions, make_world, step_failures, write_jsonl
 
 EMBED = "gpt_neox.embed_in.weight"
 UNK = 1  # build_tokenizer: 0 <pad>, 1 <unk>, 2 <bos>, 3 <eos>
@@ -27,17 +27,6 @@ def _edit_weights(model_dir: str | Path, edit) -> Path:
     edit(tensors)
     save_file(tensors, path, metadata={"format": "pt"})
     return path
-
-
-def _failures(instance: dg.DagsterInstance) -> list[str]:
-    """Messages (with their causes) of every failed step and failed check of the last run."""
-    out = []
-    for record in instance.all_logs(instance.get_runs(limit=1)[0].run_id):
-        event = record.dagster_event
-        if event and event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error
-            out.append(error.message + (error.cause.message if error.cause else ""))
-    return out
 
 
 def _materialize_all(root: Path, inputs: dict, **compute):
@@ -62,7 +51,7 @@ def test_nan_weights_fail_at_load_naming_file_and_tensor(tmp_path):
 
     weights = _edit_weights(inputs["pretrained_model"], nan_row)
     instance = _materialize_all(tmp_path, inputs)
-    failures = _failures(instance)
+    failures = step_failures(instance)
     assert failures, "the run must fail"
     named = [f for f in failures if f"non-finite values in {weights.resolve()}: {EMBED} (3 NaN) first at [1, 0]" in f]
     assert named, failures
@@ -94,7 +83,7 @@ def _unknown_word_world(root: Path) -> dict:
 def test_overflowing_scores_fail_the_shard_and_never_reach_the_table(tmp_path):
     inputs = _unknown_word_world(tmp_path)
     instance = _materialize_all(tmp_path, inputs, factor_shards=["shard-0"])  # loads fine: the weights are finite
-    failures = _failures(instance)
+    failures = step_failures(instance)
     named = [f for f in failures if "shard shard-9: non-finite influence scores" in f]
     assert named, failures
     message = named[0]
@@ -135,7 +124,7 @@ def test_failed_scores_check_blocks_downstream(tmp_path, monkeypatch):
     assert record.status == AssetCheckExecutionRecordStatus.FAILED
     evaluation = record.event.dagster_event.event_specific_data
     assert evaluation.metadata["nonfinite"].value == 1
-    assert any("scores_finite_and_unique" in f for f in _failures(instance)), _failures(instance)
+    assert any("scores_finite_and_unique" in f for f in step_failures(instance)), step_failures(instance)
     for downstream in ("influence_share", "fact_tracing_eval"):
         assert instance.get_latest_materialization_event(dg.AssetKey(downstream)) is None, downstream
 
@@ -156,7 +145,7 @@ def test_param_proximity_zero_pretrained_scope_names_the_tensors(tmp_path):
     runner.observe_inputs(defs, instance)
     with pytest.raises(Exception):
         runner.execute(defs, instance, {dg.AssetKey("param_proximity"): {None}})
-    failures = _failures(instance)
+    failures = step_failures(instance)
     assert any("scope 'tracked-attn'" in f and "gpt_neox.layers.0.attention.query_key_value" in f
                and "pretrained_model" in f for f in failures), failures
     assert not (tmp_path / "lake" / "eval" / "param_proximity.parquet").exists()

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from msif_assets.app import runner
 from msif_assets.lake import tables
 from msif_assets.lake.layout import LakeLayout
-from tests.defs.byo_world import PEOPLE, byo_definitions, make_world, save_model, write_jsonl
+from tests.defs.byo_world import PEOPLE, byo_definitions, make_world, save_model, step_failures, write_jsonl
 
 WINDOW = 24  # byo_world: max_position_embeddings and the tokenizer's model_max_length
 LONG_PROMPT = "Where was " + " and ".join(PEOPLE) + " born ?"  # 8 names + 7 "and" + 4 = 19 words
@@ -51,16 +51,6 @@ def _append_queries(inputs: dict, rows: list[dict]) -> None:
     write_jsonl(path, [json.loads(line) for line in path.read_text().splitlines()] + rows)
 
 
-def _failures(instance: dg.DagsterInstance) -> list[str]:
-    out = []
-    for record in instance.all_logs(instance.get_runs(limit=1)[0].run_id):
-        event = record.dagster_event
-        if event and event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error
-            out.append(error.message + (error.cause.message if error.cause else ""))
-    return out
-
-
 def _n_tokens(inputs: dict, prompt: str, completion: str = "") -> int:
     tok = AutoTokenizer.from_pretrained(inputs["finetuned_model"])
     n = len(tok(prompt, add_special_tokens=False)["input_ids"]) + 1  # <bos>
@@ -82,8 +72,8 @@ def test_long_queries_fail_the_queries_step_naming_each(tmp_path, arch):
     runner.observe_inputs(defs, instance)
     with pytest.raises(Exception):
         runner.execute(defs, instance, runner.all_requests(defs, instance))
-    failures = [f for f in _failures(instance) if "queries do not fit" in f]
-    assert failures, _failures(instance)
+    failures = [f for f in step_failures(instance) if "queries do not fit" in f]
+    assert failures, step_failures(instance)
     message = failures[0]
     queries_file = inputs["queries"]
     field = "n_positions" if arch == "gpt2" else "max_position_embeddings"
@@ -118,7 +108,7 @@ def test_long_query_in_the_table_fails_query_gradients_before_any_gradient(tmp_p
     tables.write_queries(layout, pa.concat_tables([table, pa.Table.from_pylist([row], schema=table.schema)]))
     with pytest.raises(Exception):
         runner.execute(defs, instance, {dg.AssetKey("query_gradients"): {None}})
-    failures = _failures(instance)
+    failures = step_failures(instance)
     n_long = _n_tokens(inputs, LONG_PROMPT, LONG_COMPLETION)
     assert any(f"'q-long' ({inputs['queries']}:9): {n_long} tokens" in f and f"window of {WINDOW} tokens" in f
                for f in failures), failures
