@@ -6,6 +6,7 @@ for the default lake ``./lake`` (``make ui`` serves it); else ``<lake>/.dagster`
 """
 
 import dataclasses
+import fcntl
 import logging
 import os
 import time
@@ -29,7 +30,18 @@ def _instance(lake_root: str):
         if not (home / "dagster.yaml").exists() and (REPO_HOME / "dagster.yaml").is_file():
             shutil.copy(REPO_HOME / "dagster.yaml", home / "dagster.yaml")
         os.environ["DAGSTER_HOME"] = str(home)
-    return dg.DagsterInstance.get()
+    # Two processes creating a new instance's SQLite tables at once both stamp their schema
+    # version, and the instance is unreadable after: creation is serialized.
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".msif-init.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            instance = dg.DagsterInstance.get()
+            instance.get_runs(limit=1)  # the run and event-log storages exist and are migrated
+            return instance
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _setup(args):

@@ -42,6 +42,14 @@ def _instance(root: Path) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(root / "lake" / ".dagster"))
 
 
+def _running_instance(root: Path) -> dg.DagsterInstance:
+    """The lake's instance, opened once the running msif process has created it (it takes the
+    lake lock after): opening it while that process creates its tables would race it."""
+    lock = root / "lake" / ".msif.lock"
+    _wait_for(lambda: lock.exists() and lock.read_text().strip() != "", 120, "the msif process to create its instance")
+    return _instance(root)
+
+
 def _wait_for(predicate, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -61,8 +69,7 @@ def test_a_run_killed_holding_the_pool_never_blocks_the_next(tmp_path):
     config = _config(tmp_path)
     proc = subprocess.Popen(_msif(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (tmp_path / "lake" / ".dagster" / "dagster.yaml").exists(), 120, "the lake's Dagster instance")
-        instance = _instance(tmp_path)
+        instance = _running_instance(tmp_path)
         _wait_for(lambda: instance.event_log_storage.get_concurrency_info(POOL).active_slot_count > 0, 240, "a heavy step")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -103,8 +110,7 @@ def test_sigterm_stops_a_run_and_the_next_one_finishes(tmp_path):
     config = _config(tmp_path)
     proc = subprocess.Popen(_msif(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (tmp_path / "lake" / ".dagster" / "dagster.yaml").exists(), 120, "the lake's Dagster instance")
-        instance = _instance(tmp_path)
+        instance = _running_instance(tmp_path)
         _wait_for(lambda: instance.event_log_storage.get_concurrency_info(POOL).active_slot_count > 0, 240, "a heavy step")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
