@@ -23,7 +23,7 @@ from ..engine.factors import (
 )
 from ..lake.factor_store import load_tensors, read_metadata, save_tensors
 from ..lake import tables
-from ..lake.inputs import FinetuneData, read_finetune_file
+from ..lake.training_inputs import FinetuneData, read_finetune_file
 from ..lake.layout import LakeLayout
 from ..lake.models import LoadedModel
 from .corpus import chunk_examples

@@ -15,7 +15,7 @@ from ..engine.lowrank import truncate
 from ..engine import Damping, EkfacFactors, LMExample, classification_example, preconditioned_queries, query_example, sequence_gradients
 from ..lake import tables
 from ..lake.embeddings import encode_texts
-from ..lake.inputs import read_queries_file
+from ..lake.training_inputs import read_queries_file
 from ..lake.layout import LakeLayout
 from ..lake.models import LoadedModel
 from ..lake.vectors import ChunkVectorStore

@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from msif_assets.lake.inputs import (
-    InputError, find_cross_shard_duplicates, read_corpus_file, read_corpus_shard, read_finetune_file,
-    read_queries_file, shard_key_from_path,
+    InputError, find_cross_shard_duplicates, read_corpus_file, read_corpus_shard, shard_key_from_path,
 )
+from msif_assets.lake.training_inputs import read_finetune_file, read_queries_file
 from msif_assets.lake.tables import DOCUMENTS, REJECTS
 
 
