@@ -18,7 +18,6 @@ from typing import Iterable
 
 import dagster as dg
 import pyarrow as pa
-import torch
 
 HEAVY_POOL = "msif_heavy"  # factors, gradients and scores share one device
 
@@ -55,16 +54,13 @@ def files_version(paths: Iterable[Path]) -> dg.DataVersion:
 
 def safetensors_version(*paths: Path) -> dg.DataVersion:
     """Content hash of safetensors files: tensors and metadata in sorted order (the file's
-    header order is not deterministic, so its bytes are not a content address)."""
-    from ..lake.factor_store import load_tensors
+    header order is not deterministic, so its bytes are not a content address), read one
+    tensor at a time (a factor file of a 410M model is ~10 GB)."""
+    from ..lake.factor_store import update_content_digest
 
     digest = hashlib.sha256()
     for path in paths:
-        tensors, meta = load_tensors(path)
-        digest.update(json.dumps(meta, sort_keys=True).encode())
-        for name in sorted(tensors):
-            digest.update(name.encode())
-            digest.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        update_content_digest(digest, path)
     return dg.DataVersion(digest.hexdigest()[:24])
 
 

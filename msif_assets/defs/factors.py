@@ -48,8 +48,8 @@ def pt_covariance(context: dg.AssetExecutionContext, lake: LakeResource, inputs:
 def pt_eigenbasis(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Merged covariances → float64 eigendecompositions (per head block for q/k/v when split)."""
     shards = _factor_set(context, compute)
-    path, stats, specs = pf.build_eigenbasis(lake.layout(), inputs.model_ids, shards, compute.settings)
-    return dg.MaterializeResult(metadata={"shards": len(shards), "tokens": stats.token_count, "modules": len(specs)},
+    path, tokens, specs = pf.build_eigenbasis(lake.layout(), inputs.model_ids, shards, compute.settings)
+    return dg.MaterializeResult(metadata={"shards": len(shards), "tokens": tokens, "modules": len(specs)},
                                 data_version=safetensors_version(path))
 
 

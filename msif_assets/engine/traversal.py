@@ -74,6 +74,21 @@ def _module_hooks(model: nn.Module, specs: list[ModuleSpec], collector: Collecto
             handle.remove()
 
 
+class Progress:
+    """Logs ``<what> 12/96 (detail), 41.0s`` at most every 10 seconds: long steps are never silent."""
+
+    def __init__(self, what: str, total: int | None = None, every: float = 10.0):
+        self.what, self.total, self.every = what, total, every
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int, detail: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.last > self.every:
+            self.last = now
+            of = f"/{self.total}" if self.total else ""
+            log.info("%s %d%s%s, %.1fs", self.what, done, of, f" ({detail})" if detail else "", now - self.started)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -97,7 +112,7 @@ def traverse(
     generator = torch.Generator(device=device).manual_seed(seed) if labels == "sampled" else None
     was_training = model.training
     model.eval()
-    started, last_log = time.perf_counter(), time.perf_counter()
+    progress = Progress(f"{description}: batch", total_batches)
     try:
         with _frozen_parameters(model), _module_hooks(model, specs, collector):
             for done, batch in enumerate(batches, start=1):
@@ -105,9 +120,6 @@ def traverse(
                 collector.begin_batch(batch)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 logits.backward(logit_gradient(logits, batch, labels, generator))
-                if time.perf_counter() - last_log > 10:
-                    last_log = time.perf_counter()
-                    of = f"/{total_batches}" if total_batches else ""
-                    log.info("%s: batch %d%s, %.1fs", description, done, of, last_log - started)
+                progress.update(done)
     finally:
         model.train(was_training)

@@ -3,25 +3,36 @@
 The pre-trained factors are map-reduced over corpus shards (sums merge exactly): each shard's
 sums are fitted with its own label draws, the reduce steps merge the factor set's files and
 read the module specs stored with them (no model is loaded to reduce). The fine-tuned factors
-are fitted on the fine-tuning data sample in one go.
+are fitted on the fine-tuning data sample (covariance, eigenbasis and factor files of their own).
+
+The reduce steps stream one module at a time (:func:`write_eigenbasis`, :func:`write_factors`,
+shared by both factor sets): each module's sums are added over the files in shard order,
+eigendecomposed or divided, and written before the next module is read, so memory holds one
+module's tensors (a factor file of a 410M model is ~10 GB). Factor and eigenbasis files are read
+back lazily (:class:`TensorFile`): ``factors.select(factors.names)`` puts a set in memory.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import torch
 
 from ..engine import (
-    CovarianceStats, EkfacFactors, LambdaStats, discover_modules, LMExample, ModuleSpec, assemble_factors,
-    classification_example, eigendecompose, factor_metadata, fit_covariance, fit_lambdas, query_example,
+    CovarianceStats, Eigenbasis, EkfacFactors, FactorMetadata, LambdaStats, discover_modules, LMExample, ModuleSpec,
+    assemble_factors, classification_example, eigendecompose, factor_metadata, fit_covariance, fit_lambdas, query_example,
 )
 from ..engine.factors import (
-    covariance_from_tensors, covariance_to_tensors, eigenbasis_from_tensors, eigenbasis_to_tensors,
-    lambda_from_tensors, lambda_to_tensors, specs_from_json, specs_to_json,
+    BASIS_KEYS, covariance_from_tensors, covariance_to_tensors, eigenbasis_metadata, eigendecompose_module,
+    factor_file_metadata, lambda_from_tensors, lambda_to_tensors, specs_from_json, specs_to_json,
 )
-from ..lake.factor_store import load_tensors, read_metadata, save_tensors
+from ..engine.traversal import Progress, model_device
+from ..lake.factor_store import StreamingTensorWriter, TensorFile, load_tensors, read_metadata, save_tensors
 from ..lake import tables
 from ..lake.training_inputs import FinetuneData, read_finetune_file
 from ..lake.layout import LakeLayout
@@ -66,15 +77,10 @@ def merge_all(stats: Sequence):
     return total
 
 
-def save_eigenbasis(path: Path, stats: CovarianceStats, specs: list[ModuleSpec], settings: ComputeSettings, extra: dict[str, str]):
-    basis = eigendecompose(stats, specs, settings.split_heads)
-    tensors, meta = eigenbasis_to_tensors(basis)
-    save_tensors(path, tensors, {**meta, **extra, "token_count": str(stats.token_count), "specs": specs_to_json(specs)})
-    return basis
-
-
-def load_eigenbasis(path: Path):
-    return eigenbasis_from_tensors(*load_tensors(path))
+def load_eigenbasis(path: Path) -> Eigenbasis:
+    """The eigenbasis file, read lazily (one module's tensor per lookup)."""
+    tf = TensorFile(path)
+    return Eigenbasis(*(tf.view(key) for key in BASIS_KEYS), json.loads(tf.metadata["split_heads"]))
 
 
 def stored_specs(path: Path) -> list[ModuleSpec]:
@@ -83,11 +89,91 @@ def stored_specs(path: Path) -> list[ModuleSpec]:
 
 
 def save_factors(path: Path, factors: EkfacFactors) -> None:
+    """Write an in-memory factor set (every tensor at once; the steps use :func:`write_factors`)."""
     save_tensors(path, *factors.to_tensors())
 
 
 def load_factors(path: Path) -> EkfacFactors:
-    return EkfacFactors.from_tensors(*load_tensors(path))
+    """The factors file, read lazily: each ``q_a[name]``/``lambdas[name]``... lookup reads that
+    tensor from disk (no cache); ``.select(names)`` holds some or all modules in memory."""
+    tf = TensorFile(path)
+    return EkfacFactors.from_tensors(tf, tf.metadata)
+
+
+# -- per-module reduce: shared by the pre-trained and the fine-tuned factors -----------------
+
+
+def _same_modules(sources: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Every non-empty source holds the same modules (an empty one, from a shard without
+    tokens, adds nothing), as ``CovarianceStats.merge`` / ``LambdaStats.merge`` require."""
+    sets = [set(s) for s in sources if len(s)]
+    for other in sets[1:]:
+        if other != sets[0]:
+            raise ValueError(f"cannot merge statistics over different modules: {sorted(other ^ sets[0])}")
+
+
+def _module_sum(sources: Sequence[Mapping[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """``((s0 + s1) + s2) + ...`` of one module over the sources holding it: the same additions,
+    in the same order, as merging whole statistics."""
+    total: torch.Tensor | None = None
+    for source in sources:
+        if name in source:
+            total = source[name] if total is None else total + source[name]
+    if total is None:
+        raise ValueError(f"no statistics file holds sums for module {name}")
+    return total
+
+
+def _basis_plan(spec: ModuleSpec) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    n, m = spec.d_in, spec.d_out
+    shapes = {"q_a": (n, n), "eig_a": (n,), "q_s": (m, m), "eig_s": (m,)}
+    return [(f"{spec.name}::{key}", torch.float64, shapes[key]) for key in BASIS_KEYS]
+
+
+def write_eigenbasis(
+    path: Path, a_sums: Sequence[Mapping[str, torch.Tensor]], s_sums: Sequence[Mapping[str, torch.Tensor]], token_count: int,
+    specs: list[ModuleSpec], split_heads: bool, extra: Mapping[str, str], device: torch.device | str = "cpu",
+) -> Path:
+    """Per module: Σ_files a_sum (n, n) and s_sum (m, m) / ``token_count`` on ``device``,
+    :func:`eigendecompose_module`, written (``<module>::q_a|eig_a|q_s|eig_s``, float64) before the
+    next module is read. ``a_sums``/``s_sums``: one ``{module: sum}`` mapping per file, in
+    shard order (lazy views of covariance files). Bit-identical to ``eigendecompose`` of the
+    merged statistics computed on the same device."""
+    if token_count == 0:
+        raise ValueError("covariance statistics hold no tokens")
+    _same_modules(a_sums)
+    _same_modules(s_sums)
+    meta = {**eigenbasis_metadata(split_heads), **extra, "token_count": str(token_count), "specs": specs_to_json(specs)}
+    progress = Progress("eigendecomposition: module", len(specs))
+    with StreamingTensorWriter(path, [e for spec in specs for e in _basis_plan(spec)], meta) as out:
+        for done, spec in enumerate(specs, start=1):
+            progress.update(done, spec.name)
+            a_mean = _module_sum(a_sums, spec.name).to(device) / token_count
+            s_mean = _module_sum(s_sums, spec.name).to(device) / token_count
+            module = eigendecompose_module(a_mean, s_mean, spec, split_heads)
+            del a_mean, s_mean
+            for key in BASIS_KEYS:
+                out.write(f"{spec.name}::{key}", getattr(module, key))
+    return path
+
+
+def write_factors(
+    path: Path, specs: list[ModuleSpec], basis: Eigenbasis, lambda_sums: Sequence[Mapping[str, torch.Tensor]],
+    sequence_count: int, metadata: FactorMetadata, device: torch.device | str = "cpu",
+) -> EkfacFactors:
+    """Per module: the eigenbasis' four tensors and Λ = Σ_files lambda_sum (m, n) /
+    ``sequence_count`` (divided on ``device``), written before the next module is read;
+    returns the written factors, read lazily. Bit-identical to ``assemble_factors``."""
+    if sequence_count == 0:
+        raise ValueError("corrected-eigenvalue statistics hold no sequences")
+    _same_modules(lambda_sums)
+    plan = [e for spec in specs for e in _basis_plan(spec) + [(f"{spec.name}::lambda", torch.float64, (spec.d_out, spec.d_in))]]
+    with StreamingTensorWriter(path, plan, factor_file_metadata(metadata, specs)) as out:
+        for spec in specs:
+            for key in BASIS_KEYS:
+                out.write(f"{spec.name}::{key}", getattr(basis, key)[spec.name])
+            out.write(f"{spec.name}::lambda", _module_sum(lambda_sums, spec.name).to(device) / sequence_count)
+    return load_factors(path)
 
 
 def finetune_examples(data: FinetuneData, loaded: LoadedModel) -> list[LMExample]:
@@ -154,14 +240,23 @@ def fit_shard_covariance(layout: LakeLayout, pt_dir: Path, ft_dir: Path, ids: Mo
     return ShardFit(path, stats.token_count, len(examples))
 
 
-def build_eigenbasis(layout: LakeLayout, ids: ModelIds, shards: Sequence[str], settings: ComputeSettings) -> tuple[Path, CovarianceStats, list[ModuleSpec]]:
-    """Merge the factor set's covariances and eigendecompose them (float64, per head block)."""
-    files = [layout.factor_stats_file("pt", ids.pt, f"{s}.covariance") for s in shards]
-    stats = merge_all([load_covariance(f) for f in files])
-    specs = stored_specs(files[0])
-    path = layout.factors_file("pt", ids.pt, "eigenbasis")
-    save_eigenbasis(path, stats, specs, settings, {"shards": ",".join(shards)})
-    return path, stats, specs
+def _shard_files(stack: ExitStack, layout: LakeLayout, ids: ModelIds, shards: Sequence[str], kind: str) -> list[TensorFile]:
+    if not shards:
+        raise ValueError("no factor statistics to merge: is the factor set of shards empty?")
+    return [stack.enter_context(TensorFile(layout.factor_stats_file("pt", ids.pt, f"{s}.{kind}"))) for s in shards]
+
+
+def build_eigenbasis(layout: LakeLayout, ids: ModelIds, shards: Sequence[str], settings: ComputeSettings) -> tuple[Path, int, list[ModuleSpec]]:
+    """Merge the factor set's covariances and eigendecompose them (float64, per head block), one
+    module at a time. Returns the eigenbasis file, the token count and the module specs."""
+    with ExitStack() as stack:
+        files = _shard_files(stack, layout, ids, shards, "covariance")
+        specs = specs_from_json(files[0].metadata["specs"])
+        tokens = sum(int(f.metadata["token_count"]) for f in files)
+        path = layout.factors_file("pt", ids.pt, "eigenbasis")
+        write_eigenbasis(path, [f.view("a_sum") for f in files], [f.view("s_sum") for f in files], tokens, specs,
+                         settings.split_heads, {"shards": ",".join(shards)})
+    return path, tokens, specs
 
 
 def fit_shard_lambda(layout: LakeLayout, pt_dir: Path, ids: ModelIds, shard: str, settings: ComputeSettings) -> ShardFit:
@@ -177,25 +272,47 @@ def fit_shard_lambda(layout: LakeLayout, pt_dir: Path, ids: ModelIds, shard: str
 
 
 def assemble_pretrained_factors(layout: LakeLayout, ids: ModelIds, shards: Sequence[str], settings: ComputeSettings) -> tuple[Path, EkfacFactors]:
-    """Eigenbasis + the factor set's mean corrected eigenvalues → the pre-trained factors."""
-    stat = lambda shard, kind: layout.factor_stats_file("pt", ids.pt, f"{shard}.{kind}")  # noqa: E731
-    lam = merge_all([load_lambda(stat(s, "lambda")) for s in shards])
-    cov = merge_all([load_covariance(stat(s, "covariance")) for s in shards])
-    eigenbasis_file = layout.factors_file("pt", ids.pt, "eigenbasis")
-    specs, basis = stored_specs(eigenbasis_file), load_eigenbasis(eigenbasis_file)
+    """Eigenbasis + the factor set's mean corrected eigenvalues → the pre-trained factors,
+    module by module; the token count from the covariance files' headers. Returns the file and
+    its factors, read lazily."""
     args = settings.factor_args(pad_id=0)  # the metadata records labels, seed and dtypes, not the pad id
-    factors = assemble_factors(specs, basis, lam, factor_metadata(specs, args, cov, lam, ids.pt, settings.scope))
-    path = layout.factors_file("pt", ids.pt)
-    save_factors(path, factors)
+    with ExitStack() as stack:
+        lambdas = _shard_files(stack, layout, ids, shards, "lambda")
+        sequences = sum(int(f.metadata["sequence_count"]) for f in lambdas)
+        tokens = sum(int(read_metadata(layout.factor_stats_file("pt", ids.pt, f"{s}.covariance"))["token_count"]) for s in shards)
+        eigenbasis_file = layout.factors_file("pt", ids.pt, "eigenbasis")
+        specs, basis = stored_specs(eigenbasis_file), load_eigenbasis(eigenbasis_file)
+        meta = factor_metadata(specs, args, CovarianceStats({}, {}, tokens), LambdaStats({}, sequences), ids.pt, settings.scope)
+        path = layout.factors_file("pt", ids.pt)
+        factors = write_factors(path, specs, basis, [f.view("lambda_sum") for f in lambdas], sequences, meta)
     return path, factors
 
 
 def fit_finetuned_step(layout: LakeLayout, pt_dir: Path, ft_dir: Path, data_file: Path, ids: ModelIds, settings: ComputeSettings) -> tuple[Path, EkfacFactors]:
-    """EK-FAC factors of θ_ft on its own fine-tuning data sample."""
+    """EK-FAC factors of θ_ft on its own fine-tuning data sample, through files like the
+    pre-trained set: covariance sums → ``stats/shard=covariance`` (then freed), eigenbasis per
+    module → ``eigenbasis``, the Λ pass over the lazily read eigenbasis, factors per module.
+    The covariance and eigenbasis files are scratch, removed once used (nothing reads them later).
+    Peak: the larger of one pass's sums and Λ's sums plus one module (was cov + basis + Λ).
+    Eigendecompositions and Λ's division run on the model's device, as in
+    :func:`fit_finetuned_factors` (identical results). Returns the file and its lazy factors."""
     check_pair(pt_dir, ft_dir, settings)
     ft = load_finetuned(ft_dir, settings)
     specs = discover_modules(ft.model, settings.scope)
-    factors = fit_finetuned_factors(ft, specs, finetune_examples(read_finetune_file(data_file), ft), settings, ids.ft)
+    examples = finetune_examples(read_finetune_file(data_file), ft)
+    args, device = settings.factor_args(pad_id_of(ft)), model_device(ft.model)
+    cov = fit_covariance(ft.model, specs, examples, args)
+    cov_file, tokens = layout.factor_stats_file("ft", ids.ft, "covariance"), cov.token_count
+    save_covariance(cov_file, cov, {"specs": specs_to_json(specs)})
+    del cov
+    eigenbasis_file = layout.factors_file("ft", ids.ft, "eigenbasis")
+    with TensorFile(cov_file) as sums:
+        write_eigenbasis(eigenbasis_file, [sums.view("a_sum")], [sums.view("s_sum")], tokens, specs, settings.split_heads, {}, device)
+    cov_file.unlink()  # scratch: at 410M each of these is ~9 GB of disk
+    basis = load_eigenbasis(eigenbasis_file)
+    lam = fit_lambdas(ft.model, specs, basis, examples, args)
+    meta = factor_metadata(specs, args, CovarianceStats({}, {}, tokens), lam, ids.ft, settings.scope)
     path = layout.factors_file("ft", ids.ft)
-    save_factors(path, factors)
+    factors = write_factors(path, specs, basis, [lam.sums], lam.sequence_count, meta, device)
+    eigenbasis_file.unlink()  # the factors file holds the basis
     return path, factors
