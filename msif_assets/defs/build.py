@@ -36,7 +36,7 @@ SETTINGS_READ: dict[str, tuple[str, ...]] = {
     "pt_factors": ("factor_shards",),
     "ft_factors": ("labels", "stats_dtype", "seed", "split_heads", "scope", "dtype"),
     "queries": ("max_new_tokens",),
-    "query_gradients": ("methods", "dampings", "scope", "dtype", "query_rank", "query_batch_size"),
+    "query_gradients": ("methods", "dampings", "scope", "dtype", "query_rank", "query_inner_rank", "query_batch_size"),
     "candidates": ("knn_k", "bm25_k", "all_chunks_below", "embedding_model_dir"),
     "influence_scores": ("methods", "dampings", "scope", "dtype"),
     "param_proximity": ("scope", "dtype", "trust_remote_code"),

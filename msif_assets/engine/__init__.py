@@ -17,6 +17,7 @@ from .influence import (
     preconditioned_queries,
     score_examples,
     sequence_gradients,
+    token_gradients,
 )
 from .modules import IncompatibleModelsError, ModuleSpec, discover_modules, shared_modules
 from .precondition import Damping, precondition

@@ -107,6 +107,26 @@ class GradientCollector:
         self.gradients[spec.name][self._index.to(a.device)] = _per_sequence_gradient(a, s).to(self.gradients[spec.name].dtype)
 
 
+class TokenGradientCollector:
+    """Per-sequence gradients in token form: per module ``a`` (N, T, n) and ``s`` (N, T, m),
+    T the longest example, rows past an example's length zero; ``s_iᵀ a_i`` is its gradient."""
+
+    def __init__(self, specs: list[ModuleSpec], lengths: list[int], dtype: torch.dtype, device: torch.device):
+        t = max(lengths, default=0)
+        self.a = {s.name: torch.zeros(len(lengths), t, s.d_in, dtype=dtype, device=device) for s in specs}
+        self.s = {s.name: torch.zeros(len(lengths), t, s.d_out, dtype=dtype, device=device) for s in specs}
+        self._index: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
+
+    def begin_batch(self, batch: LMBatch) -> None:
+        self._index, self._real = batch.index, batch.attention_mask.bool()
+
+    def collect(self, spec: ModuleSpec, a: torch.Tensor, s: torch.Tensor) -> None:
+        index, real, t = self._index.to(a.device), self._real.to(a.device)[..., None], a.shape[1]
+        self.a[spec.name][index, :t] = (a * real).to(self.a[spec.name].dtype)
+        self.s[spec.name][index, :t] = (s * real).to(self.s[spec.name].dtype)
+
+
 class ScoreCollector:
     """Scores of every sequence against every preconditioned query, per module.
 

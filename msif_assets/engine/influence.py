@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .batching import LMExample, make_batches
-from .collectors import CovarianceCollector, GradientCollector, LambdaCollector, ScoreCollector
+from .collectors import CovarianceCollector, GradientCollector, LambdaCollector, ScoreCollector, TokenGradientCollector
+from .factored import TokenGradients
 from .factors import CovarianceStats, Eigenbasis, EkfacFactors, FactorMetadata, LambdaStats, assemble_factors, eigendecompose
 from .modules import ModuleSpec
 from .objectives import LabelSource
@@ -92,10 +93,8 @@ def fit_lambdas(
     args: FactorArgs = FactorArgs(),
 ) -> LambdaStats:
     """Σ_sequences (Q_Sᵀ DW Q_A)^∘2 over ``examples`` (one partition of the data)."""
-    device = model_device(model)
-    q_a = {k: v.to(device) for k, v in basis.q_a.items()}
-    q_s = {k: v.to(device) for k, v in basis.q_s.items()}
-    collector = LambdaCollector(q_a, q_s, product_dtype(model, args.stats_dtype))
+    # the basis may be read lazily from its file: the collector moves and casts one module at a time
+    collector = LambdaCollector(basis.q_a, basis.q_s, product_dtype(model, args.stats_dtype))
     batches = make_batches(examples, args.batch_size, args.pad_id)
     traverse(model, specs, batches, collector, args.labels, args.seed + 1, "eigenvalue correction", _n_batches(examples, args.batch_size))
     return LambdaStats(collector.sums, collector.sequence_count)
@@ -147,6 +146,21 @@ def sequence_gradients(
     collector = GradientCollector(specs, len(examples), dtype, model_device(model))
     traverse(model, specs, make_batches(examples, batch_size, pad_id), collector, "data", 0, "query gradients")
     return collector.gradients
+
+
+def token_gradients(
+    model: nn.Module,
+    specs: list[ModuleSpec],
+    examples: Sequence[LMExample],
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> dict[str, TokenGradients]:
+    """The same gradients as :func:`sequence_gradients`, kept in token form (T(m + n) numbers
+    per example and module instead of m·n): ``{name: TokenGradients}`` with a (N, T, n), s (N, T, m)."""
+    dtype = next(model.parameters()).dtype
+    collector = TokenGradientCollector(specs, [len(e.input_ids) for e in examples], dtype, model_device(model))
+    traverse(model, specs, make_batches(examples, batch_size, pad_id), collector, "data", 0, "query gradients")
+    return {s.name: TokenGradients(collector.a[s.name], collector.s[s.name]) for s in specs}
 
 
 def preconditioned_queries(

@@ -4,6 +4,8 @@ model, precondition per method and damping, and pick candidate chunks per shard.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -11,8 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 from ..engine.generation import greedy_completion
-from ..engine.lowrank import truncate
-from ..engine import Damping, EkfacFactors, LMExample, classification_example, preconditioned_queries, query_example, sequence_gradients
+from ..engine.factored import low_rank_vectors
+from ..engine import (
+    Damping, EkfacFactors, LMExample, classification_example, preconditioned_queries, query_example, sequence_gradients,
+    token_gradients,
+)
 from ..lake import tables
 from ..lake.embeddings import encode_texts
 from ..lake.training_inputs import read_queries_file
@@ -22,7 +27,9 @@ from ..lake.vectors import ChunkVectorStore
 from . import query_store
 from .memory import check_query_block_fits
 from .models import ModelIds
-from .settings import ComputeSettings
+from .settings import ComputeSettings, ScoreKey
+
+log = logging.getLogger(__name__)
 
 def load_queries(path: str | Path, ft: LoadedModel, settings: ComputeSettings) -> pa.Table:
     """Queries with every completion filled in: a missing one is the fine-tuned model's
@@ -140,26 +147,47 @@ def query_examples(queries: pa.Table, ft: LoadedModel) -> list[LMExample]:
 
 def write_query_gradients(layout: LakeLayout, ft: LoadedModel, specs, queries: pa.Table, pt_factors: EkfacFactors,
                           ft_factors: EkfacFactors, ids: ModelIds, settings: ComputeSettings) -> list[Path]:
-    """∇f on θ_ft, preconditioned for every configured method × damping, truncated to
-    ``query_rank``, written one block of ``query_batch_size`` queries at a time: memory holds one
-    block's gradients and vectors, whatever the number of queries."""
-    from .factors import pad_id_of
-
+    """∇f on θ_ft, preconditioned for every configured method × damping (low-rank with
+    ``query_rank``), written one block of ``query_batch_size`` queries at a time: memory holds one
+    block's gradients and vectors and one module's factors, whatever the number of queries."""
     examples, query_ids = query_examples(queries, ft), queries.column("query_id").to_pylist()
-    check_query_block_fits(specs, settings, len(examples), "query_gradients")
+    max_tokens = max((len(e.input_ids) for e in examples), default=0)
+    check_query_block_fits(specs, settings, len(examples), "query_gradients", max_tokens)
     size = settings.query_batch_size or max(len(examples), 1)
-    paths: list[Path] = []
-    for block, start in enumerate(range(0, len(examples), size)):
-        grads = sequence_gradients(ft.model, specs, examples[start : start + size], settings.batch_size, pad_id_of(ft))
-        for key in settings.gradient_keys:
-            vectors = preconditioned_queries(key.method, grads, pt_factors, ft_factors, key.damping or Damping())
-            vectors = {name: truncate(v, settings.query_rank) for name, v in vectors.items()}
-            paths.append(query_store.write_block(layout, ids, key, block, vectors, query_ids[start : start + size]))
-        del grads
     n_blocks = -(-len(examples) // size)
+    paths: list[Path] = []
+    started = time.perf_counter()
+    for block, start in enumerate(range(0, len(examples), size)):
+        vectors = block_vectors(ft, specs, examples[start : start + size], pt_factors, ft_factors, settings)
+        for key in settings.gradient_keys:
+            paths.append(query_store.write_block(layout, ids, key, block, vectors[key], query_ids[start : start + size]))
+        del vectors
+        log.info("query_gradients: block %d/%d (queries %d–%d of %d) written, %.1fs", block + 1, n_blocks, start + 1,
+                 min(start + size, len(examples)), len(examples), time.perf_counter() - started)
     for key in settings.gradient_keys:
         query_store.prune_blocks(layout, ids, key, n_blocks)
     return paths
+
+
+def block_vectors(ft: LoadedModel, specs, examples: list[LMExample], pt_factors: EkfacFactors, ft_factors: EkfacFactors,
+                  settings: ComputeSettings) -> dict[ScoreKey, query_store.QueryVectors]:
+    """One block's vectors ``{key: {module: vectors}}``, module by module: only that module's
+    factors are read from the factor files, and its gradients are dropped once used."""
+    from .factors import pad_id_of
+
+    rank = settings.query_rank
+    gradients: dict = (token_gradients if rank > 0 else sequence_gradients)(ft.model, specs, examples, settings.batch_size, pad_id_of(ft))
+    out: dict[ScoreKey, query_store.QueryVectors] = {key: {} for key in settings.gradient_keys}
+    for spec in specs:
+        pt_module, ft_module = pt_factors.select([spec.name]), ft_factors.select([spec.name])
+        grads = gradients.pop(spec.name)
+        for key in settings.gradient_keys:
+            damping = key.damping or Damping()
+            if rank > 0:
+                out[key][spec.name] = low_rank_vectors(key.method, grads, spec.name, rank, settings.inner_rank, pt_module, ft_module, damping)
+            else:
+                out[key][spec.name] = preconditioned_queries(key.method, {spec.name: grads}, pt_module, ft_module, damping)[spec.name]
+    return out
 
 
 def query_texts(queries: pa.Table) -> list[str]:

@@ -18,22 +18,29 @@ from ..lake.layout import LakeLayout
 from .corpus import chunk_examples
 from .factors import pad_id_of
 from . import query_store
-from .memory import check_query_block_fits
+from .memory import check_scoring_block_fits
 from .models import ModelPair
 from .queries import query_examples, query_texts
 from .settings import ComputeSettings, ScoreKey
 
 
+CANDIDATES_PER_PASS = 512  # bounds the (N, Q, modules) float64 per-module scores of one pass
+
+
 def _stacked_scores(model, specs, keyed_vectors: dict[ScoreKey, dict], examples, settings: ComputeSettings, pad_id: int) -> dict:
-    """``{key: (total, mlp, attn)}`` each (N, Q), from one pass with all keys' vectors stacked."""
+    """``{key: (total, mlp, attn)}`` each (N, Q): all keys' vectors stacked along Q, so one
+    forward+backward per candidate serves every key; candidates go CANDIDATES_PER_PASS at a time."""
     keys = list(keyed_vectors)
     if not keys:
         return {}
     n_queries = lowrank.n_queries(next(iter(keyed_vectors[keys[0]].values())))
     stacked = {s.name: lowrank.stack([keyed_vectors[k][s.name] for k in keys]) for s in specs}
-    scores = score_examples(model, specs, stacked, examples, settings.batch_size, pad_id)
-    parts = (scores.total, scores.group_total("mlp"), scores.group_total("attn"))
-    return {k: tuple(p[:, i * n_queries : (i + 1) * n_queries].cpu() for p in parts) for i, k in enumerate(keys)}
+    pieces = []
+    for start in range(0, len(examples), CANDIDATES_PER_PASS):
+        scores = score_examples(model, specs, stacked, examples[start : start + CANDIDATES_PER_PASS], settings.batch_size, pad_id)
+        pieces.append((scores.total.cpu(), scores.group_total("mlp").cpu(), scores.group_total("attn").cpu()))
+    parts = [torch.cat([p[i] for p in pieces], 0) for i in range(3)]
+    return {k: tuple(p[:, i * n_queries : (i + 1) * n_queries] for p in parts) for i, k in enumerate(keys)}
 
 
 def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], examples, settings: ComputeSettings) -> tuple[dict, list[str]]:
@@ -43,7 +50,7 @@ def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], exam
     keys = settings.gradient_keys
     if not keys:
         return {}, []
-    check_query_block_fits(pair.specs, settings, len(qids), "influence_scores")
+    check_scoring_block_fits(pair.specs, settings, len(qids), min(len(examples), CANDIDATES_PER_PASS))
     parts: dict[ScoreKey, list[tuple]] = {k: [] for k in keys}
     seen: list[str] = []
     nonfinite: list[str] = []

@@ -100,6 +100,8 @@ class ComputeSettings:
     methods: tuple[str, ...] = _help(f"methods scored, from {', '.join(ALL_METHODS)}", ALL_METHODS)
     dampings: tuple[Damping, ...] = _help("rel:<α> (α · mean Λ per module) or abs:<λ>; each is scored", (Damping("relative", 0.1),))
     query_rank: int = _help("rank of the stored query vectors per module (truncated SVD); 0 = full rank, exact", 0)
+    query_inner_rank: int = _help("MS-IF with query_rank: rank kept between the fine-tuned and the pre-trained preconditioner "
+                                  "(an approximation the exact path does not make); 0 = query_rank", 0)
     query_batch_size: int = _help("queries per block: gradients, vectors and scoring hold one block at a time; 0 = all", 64)
     knn_k: int = _help("candidate chunks per query and shard from LanceDB KNN", 20)
     bm25_k: int = _help("… united with this many BM25 hits per query and shard", 0)
@@ -128,7 +130,7 @@ class ComputeSettings:
         for name in ("knn_k", "max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}; must be >= 1")
-        for name in ("max_chunk_tokens", "bm25_k", "all_chunks_below", "query_rank", "query_batch_size"):
+        for name in ("max_chunk_tokens", "bm25_k", "all_chunks_below", "query_rank", "query_inner_rank", "query_batch_size"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)}; must be >= 0")
         if problems:
@@ -181,6 +183,11 @@ class ComputeSettings:
     def gradient_keys(self) -> tuple[ScoreKey, ...]:
         """The score keys that need a (preconditioned) query gradient."""
         return tuple(k for k in self.score_keys if k.needs_query_vectors)
+
+    @property
+    def inner_rank(self) -> int:
+        """MS-IF's rank between its two preconditioners (low-rank path only)."""
+        return self.query_inner_rank or self.query_rank
 
     @property
     def torch_device(self) -> torch.device:
