@@ -14,8 +14,9 @@ FROM eval_summary
 WHERE split_part(metric, '/', 1) IN ('full', 'rerank')
 GROUP BY ALL;
 
--- Per-query fact-tracing rows per protocol (tables.EVAL_RANKING), rerank pool composition,
--- weight proximity and MLP/attention influence shares (written by the evaluation assets).
+-- Per-query fact-tracing rows per protocol (tables.FACT_TRACING_FULL / FACT_TRACING_RERANK),
+-- rerank pool composition, weight proximity and MLP/attention influence shares (written by
+-- the evaluation assets).
 CREATE OR REPLACE VIEW fact_tracing_full AS
 SELECT * FROM read_parquet('${LAKE}/eval/fact_tracing_full.parquet', union_by_name = true);
 

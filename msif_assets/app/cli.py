@@ -2,7 +2,8 @@
 
     msif demo | materialize | refresh [--config msif.toml] [--lake DIR]   run the lineage (lineage.py)
     msif sql "<query>" [--lake DIR] [--format table|csv|json] [--timeout S] [--memory-limit SIZE]
-    msif top <query_id> [--method ms-if] [--k 10] [--damping X] [--model FT_HASH] [--timeout S] [--memory-limit SIZE]
+    msif queries [--lake DIR] [--format table|csv|json]
+    msif top <query_id> [--method ms-if] [--damping rel:0.1] [--all] [--k 10] [--model FT_HASH] [--timeout S] [--memory-limit SIZE]
     msif status
 
 The lake root comes from ``--lake``, else ``$MSIF_LAKE``, else ``./lake``. Each command is a
@@ -16,6 +17,7 @@ import argparse
 import signal
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,59 +55,108 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 def register_sql(subparsers: Any) -> None:
     p = subparsers.add_parser("sql", parents=[lake_option()], help="run a read-only SQL query on the catalog",
-                              description="Views: documents, chunks, queries, candidates, influence, "
-                              "influence_with_text, top_k, mlp_attn_share, shard_summary, rejects, eval_*.")
+                              description="Views: documents, chunks, queries, query_summary, candidates, influence, "
+                              "influence_normalized (share, percentile), influence_with_text, top_k, "
+                              "mlp_attn_share, shard_summary, rejects, eval_summary, eval_fidelity, fact_tracing*, "
+                              "param_proximity, influence_share.")
     p.add_argument("query", help='e.g. "SELECT * FROM top_k LIMIT 5"')
     _budget_options(p)
     output_options(p)
     p.set_defaults(handler=_cmd_sql)
 
 
-_TOP_SQL = """
-WITH latest AS (
-  SELECT ft_model FROM influence WHERE query_id = $query_id AND method = $method
-  ORDER BY computed_at DESC LIMIT 1)
-SELECT rank, score, score_mlp, score_attn, damping_kind, damping, doc_id, chunk_id, shard, chunk_text
-FROM influence_with_text
-WHERE query_id = $query_id AND method = $method AND rank <= $k
-  AND ft_model = coalesce($model, (SELECT ft_model FROM latest))
-  AND ($damping IS NULL OR damping = $damping)
-ORDER BY pt_model, damping_kind, damping, rank
-"""
-
-
 def _cmd_top(args: argparse.Namespace) -> int:
     from msif_assets.lake.catalog import Catalog
 
-    params = {"query_id": args.query_id, "method": args.method, "k": args.k,
-              "model": args.model, "damping": args.damping}
+    from . import report
+
     with Catalog.open(lake_root(args), **_budgets(args)) as catalog:
-        query = catalog.query("SELECT prompt, completion FROM queries WHERE query_id = $query_id",
-                              {"query_id": args.query_id}).to_pylist()
-        top = catalog.query(_TOP_SQL, params)
-        if top.num_rows == 0:
-            methods = catalog.query("SELECT DISTINCT method FROM influence WHERE query_id = $q ORDER BY 1",
-                                    {"q": args.query_id}).column("method").to_pylist()
-            hint = f"methods scored for it: {', '.join(methods)}" if methods else "it has no scores"
-            filters = "".join(f", {k}={v}" for k, v in (("damping", args.damping), ("model", args.model)) if v is not None)
-            print(f"no {args.method} scores for query {args.query_id!r}{filters}; {hint}", file=sys.stderr)
-            return 1
-    if args.format == "table" and query:
-        print(f"query {args.query_id}: {query[0]['prompt']!r} -> {query[0]['completion']!r}")
-    print(render(top, args.format, args.max_width))
+        try:
+            query = report.require_query(catalog, args.query_id)
+            ft_model, groups = report.score_groups(catalog, args.query_id, args.model)
+            chosen, note = report.select_groups(args.query_id, groups, args.method, args.damping, args.all)
+            results = report.top_rows(catalog, args.query_id, ft_model, chosen, args.k)
+        except report.ReadingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+    if args.format != "table":
+        print(render(_top_table(results), args.format, args.max_width))
+        return 0
+    print(f"query {args.query_id}: {query['prompt']!r} -> {query['completion']!r}   (fine-tuned model {ft_model})")
+    print(note)
+    print("share = score / Σ|score| over the group's scored candidates (signed); percentile: 1.0 = rank 1, "
+          "0.0 = last; score = raw influence")
+    repeated = Counter(g.label for g, _ in results)
+    for group, rows in results:
+        pt = f", pre-trained model {group.pt_model}" if repeated[group.label] > 1 else ""
+        print(f"\n== {group.label}{pt}: top {len(rows)} of {group.n_scored} scored candidates ==")
+        print(render(pa.Table.from_pylist(rows).select(report.ROW_COLUMNS), args.format, args.max_width))
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of rows >= 1")
+    return value
+
+
+def _top_table(results: list) -> pa.Table:
+    """csv/json: one table, each row labelled with its group (method@damping)."""
+    from . import report
+
+    rows = [{"label": g.label, "method": g.method, "damping_kind": g.damping_kind, "damping": g.damping,
+             "damping_label": g.damping_text, "pt_model": g.pt_model, "n_scored": g.n_scored,
+             **{c: r[c] for c in report.ROW_COLUMNS}}
+            for g, group_rows in results for r in group_rows]
+    return pa.Table.from_pylist(rows)
+
+
 def register_top(subparsers: Any) -> None:
-    p = subparsers.add_parser("top", parents=[lake_option()], help="most influential chunks for a query")
-    p.add_argument("query_id")
-    p.add_argument("--method", default="ms-if", help="a method of the influence table, e.g. ms-if, gdp, bm25 (default ms-if; a miss lists those scored)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--damping", type=float, default=None, help="only this damping value")
+    p = subparsers.add_parser(
+        "top", parents=[lake_option()], help="most influential chunks for a query",
+        description="The k best-ranked chunks of one score group (a method at one damping, labelled "
+        "e.g. ms-if@rel:0.1), with share = score / Σ|score| and a rank percentile beside the raw score. "
+        "Default: ms-if at its smallest relative damping; --all shows every group, each under its label.")
+    p.add_argument("query_id", help="a query id (list them with `msif queries`)")
+    p.add_argument("--method", default=None,
+                   help="a scored method, e.g. ms-if, ss-if, gdp, repsim, bm25 (default ms-if; with --all: every method)")
+    p.add_argument("--k", type=_positive_int, default=10, help="rows per group (default 10)")
+    p.add_argument("--damping", default=None, metavar="LABEL",
+                   help="rel:<alpha> or abs:<lambda> as in msif.toml, e.g. rel:0.1, abs:1e-3 (a bare number is ambiguous)")
+    p.add_argument("--all", action="store_true", help="every method and damping scored (or every damping of --method)")
     p.add_argument("--model", default=None, help="fine-tuned model hash (default: most recently scored)")
     _budget_options(p)
     output_options(p)
     p.set_defaults(handler=_cmd_top)
+
+
+def _cmd_queries(args: argparse.Namespace) -> int:
+    from msif_assets.lake.catalog import Catalog
+
+    from . import report
+
+    with Catalog.open(lake_root(args), **_budgets(args)) as catalog:
+        table = catalog.query(report.QUERIES_SQL)
+    if args.format == "table" and table.num_rows == 0:
+        print(f"no queries in the lake at {Path(lake_root(args)).resolve()}; materialize them "
+              "(`msif materialize`, or `msif demo` for the default world)", file=sys.stderr)
+    print(render(table, args.format, args.max_width))
+    return 0
+
+
+def register_queries(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "queries", parents=[lake_option()], help="the lake's queries and how many candidates each has scored",
+        description="One row per query (view query_summary): query_id, prompt, completion, completion_source "
+        "(given | generated), n_candidates, n_scored (chunks with influence scores), n_score_groups "
+        "(method@damping rankings). Read one with `msif top <query_id>`.")
+    _budget_options(p)
+    output_options(p)
+    p.set_defaults(handler=_cmd_queries)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -131,7 +182,7 @@ def register_status(subparsers: Any) -> None:
     p.set_defaults(handler=_cmd_status)
 
 
-COMMANDS: list[Register] = [lineage.register, register_sql, register_top, register_status]
+COMMANDS: list[Register] = [lineage.register, register_sql, register_queries, register_top, register_status]
 
 
 def build_parser() -> argparse.ArgumentParser:

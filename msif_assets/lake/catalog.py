@@ -37,8 +37,8 @@ import pyarrow as pa
 
 from msif_assets.lake.layout import LakeLayout
 from msif_assets.lake.tables import (
-    FACT_TRACING_POOLS, INFLUENCE_SHARE, PARAM_PROXIMITY,
-    CANDIDATES, CHUNKS, DOCUMENTS, EVAL_FIDELITY, EVAL_RANKING, EVAL_SUMMARY, QUERIES, REJECTS,
+    FACT_TRACING_FULL, FACT_TRACING_POOLS, FACT_TRACING_RERANK, INFLUENCE_SHARE, PARAM_PROXIMITY,
+    CANDIDATES, CHUNKS, DOCUMENTS, EVAL_FIDELITY, EVAL_SUMMARY, QUERIES, REJECTS,
     SCORES, TableSpec,
 )
 
@@ -56,9 +56,10 @@ DEFAULT_MEMORY_LIMIT = "4GB"
 TABLE_DIRS = ("shards", "chunks", "queries", "candidates", "scores", "rejects", "eval")
 BASE_VIEWS: dict[str, TableSpec] = {
     "documents": DOCUMENTS, "chunks": CHUNKS, "queries": QUERIES, "candidates": CANDIDATES,
-    "influence": SCORES, "rejects": REJECTS, "eval_ranking": EVAL_RANKING,
+    "influence": SCORES, "rejects": REJECTS,
     "eval_summary": EVAL_SUMMARY, "eval_fidelity": EVAL_FIDELITY,
-    "fact_tracing_full": EVAL_RANKING, "fact_tracing_rerank": EVAL_RANKING, "fact_tracing_pools": FACT_TRACING_POOLS,
+    "fact_tracing_full": FACT_TRACING_FULL, "fact_tracing_rerank": FACT_TRACING_RERANK,
+    "fact_tracing_pools": FACT_TRACING_POOLS,
     "param_proximity": PARAM_PROXIMITY, "influence_share": INFLUENCE_SHARE,
 }
 _VIEW_RE = re.compile(r"^\s*(?:--[^\n]*\n\s*)*CREATE\s+OR\s+REPLACE\s+VIEW\s+([A-Za-z_][A-Za-z0-9_]*)\s+AS\b",

@@ -22,7 +22,8 @@ scores      scores/model=<ft_model>/shard=<shard>/part.parquet
     pt_model? str, ft_model str, computed_at timestamp[us, UTC]
 rejects     rejects/source=<source>/part.parquet
     source str, file str, line? int64 (null = the whole file), field str, reason str, raw str
-eval_ranking / eval_summary / eval_fidelity   eval/<name>.parquet  (see schemas below)
+eval_summary, eval_fidelity, fact_tracing_full, fact_tracing_rerank, fact_tracing_pools,
+param_proximity, influence_share   eval/<name>.parquet  (EVAL_TABLES; see schemas below)
 
 Hive partition columns (``shard`` of chunks and scores, ``source`` of rejects) are not
 stored inside the partition files; readers add them back from the path. Every write
@@ -45,7 +46,7 @@ from msif_assets.lake.layout import LakeLayout, validate_key
 __all__ = [
     "TableSchemaError", "TableSpec", "CANDIDATE_SOURCES",
     "DOCUMENTS", "CHUNKS", "QUERIES", "CANDIDATES", "SCORES", "REJECTS",
-    "EVAL_RANKING", "EVAL_SUMMARY", "EVAL_FIDELITY", "EVAL_TABLES",
+    "FACT_TRACING_FULL", "FACT_TRACING_RERANK", "EVAL_SUMMARY", "EVAL_FIDELITY", "EVAL_TABLES",
     "conform", "write_docs", "read_docs", "write_chunks", "read_chunks",
     "write_queries", "read_queries", "write_candidates", "read_candidates",
     "write_scores", "read_scores", "write_rejects", "read_rejects",
@@ -111,13 +112,17 @@ REJECTS = TableSpec("rejects", pa.schema([
     _f("source", _S), _f("file", _S), _f("line", pa.int64(), True), _f("field", _S),
     _f("reason", _S), _f("raw", _S),
 ]), key=(), partition_by=("source",))
-EVAL_RANKING = TableSpec("eval_ranking", pa.schema([
+# Per-query fact-tracing rows, one table per protocol (written by the fact_tracing_eval asset).
+_FACT_TRACING_ROWS = pa.schema([
     _f("query_id", _S), _f("method", _S), _f("damping", pa.float64(), True),
     _f("damping_kind", _S, True), _f("n_candidates", pa.int32()), _f("n_gold", pa.int32()),
     _f("first_gold_rank", pa.int32(), True), _f("reciprocal_rank", pa.float64()),
     _f("recall_any_at_10", pa.float64()), _f("recall_frac_at_10", pa.float64()),
     _f("ft_model", _S), _f("computed_at", _UTC_US),
-]), key=("query_id", "method", "damping_kind", "damping", "ft_model"))
+])
+_FACT_TRACING_KEY = ("query_id", "method", "damping_kind", "damping", "ft_model")
+FACT_TRACING_FULL = TableSpec("fact_tracing_full", _FACT_TRACING_ROWS, key=_FACT_TRACING_KEY)
+FACT_TRACING_RERANK = TableSpec("fact_tracing_rerank", _FACT_TRACING_ROWS, key=_FACT_TRACING_KEY)
 EVAL_SUMMARY = TableSpec("eval_summary", pa.schema([
     _f("method", _S), _f("damping", pa.float64(), True), _f("damping_kind", _S, True),
     _f("metric", _S), _f("value", pa.float64()), _f("n_queries", pa.int32()),
@@ -150,10 +155,8 @@ INFLUENCE_SHARE = TableSpec("influence_share", pa.schema([
     _f("computed_at", _UTC_US, False),
 ]), key=("method", "damping_kind", "damping", "pt_model", "ft_model"))
 EVAL_TABLES: dict[str, TableSpec] = {
-    **{s.name: s for s in (EVAL_RANKING, EVAL_SUMMARY, EVAL_FIDELITY, FACT_TRACING_POOLS, PARAM_PROXIMITY, INFLUENCE_SHARE)},
-    # per-query fact-tracing rows, one table per protocol, both of EVAL_RANKING's schema
-    "fact_tracing_full": EVAL_RANKING,
-    "fact_tracing_rerank": EVAL_RANKING,
+    s.name: s for s in (EVAL_SUMMARY, EVAL_FIDELITY, FACT_TRACING_FULL, FACT_TRACING_RERANK, FACT_TRACING_POOLS,
+                        PARAM_PROXIMITY, INFLUENCE_SHARE)
 }
 
 

@@ -2,7 +2,7 @@
 
 Tables (``eval/<name>.parquet``; ``computed_at`` is timestamp[us, UTC] everywhere):
 
-fact_tracing_full, fact_tracing_rerank   schema tables.EVAL_RANKING, one row per
+fact_tracing_full, fact_tracing_rerank   schema tables.FACT_TRACING_FULL, one row per
     (gold-labelled query, method, damping): n_candidates (documents ranked), n_gold (|gold|),
     first_gold_rank? (1-based, null = no gold ranked), reciprocal_rank, recall_any_at_10,
     recall_frac_at_10. ``full`` ranks every eligible document, ``rerank`` its rerank pool.
@@ -158,7 +158,7 @@ def gold_queries(queries: pa.Table) -> list[dict]:
 
 @dataclass
 class FactTracing:
-    """Per-query rows per protocol (EVAL_RANKING), means (EVAL_SUMMARY) and pools."""
+    """Per-query rows per protocol (FACT_TRACING_FULL / _RERANK), means (EVAL_SUMMARY) and pools."""
 
     rankings: dict[str, pa.Table]
     summary: pa.Table
@@ -166,7 +166,7 @@ class FactTracing:
 
     @classmethod
     def empty(cls) -> "FactTracing":
-        return cls({p: tables.EVAL_RANKING.schema.empty_table() for p in PROTOCOLS},
+        return cls({p: tables.FACT_TRACING_FULL.schema.empty_table() for p in PROTOCOLS},
                    tables.EVAL_SUMMARY.schema.empty_table(), tables.FACT_TRACING_POOLS.schema.empty_table())
 
 
@@ -199,7 +199,7 @@ def fact_tracing(doc_scores: pa.Table, queries: pa.Table, doc_texts: Mapping[str
             scores = by_key.get(key, {})
             for protocol, members in (("full", eligible), ("rerank", pool.members)):
                 rows[protocol].append({**base, **rank_metrics(scores, members, q["gold"])})
-    rankings = {p: pa.Table.from_pylist(rows[p], schema=tables.EVAL_RANKING.schema) for p in PROTOCOLS}
+    rankings = {p: pa.Table.from_pylist(rows[p], schema=tables.FACT_TRACING_FULL.schema) for p in PROTOCOLS}
     pool_table = pa.Table.from_pylist(pools, schema=tables.FACT_TRACING_POOLS.schema)
     return FactTracing(rankings, summarize(rankings, ft_model, now), pool_table)
 

@@ -7,8 +7,9 @@ from msif_assets.lake.tables import write_chunks, write_eval, write_rejects
 from .lake_data import FT, NOW, PT, SHARD_SCORES, SHARD_TEXTS, chunks_table
 
 EXPECTED_VIEWS = {"documents", "chunks", "queries", "candidates", "influence", "influence_with_text",
-                  "top_k", "mlp_attn_share", "shard_summary", "rejects", "eval_ranking", "eval_summary",
-                  "eval_fidelity"}
+                  "top_k", "mlp_attn_share", "shard_summary", "rejects", "eval_summary",
+                  "eval_fidelity", "influence_normalized", "query_summary", "fact_tracing_full",
+                  "fact_tracing_rerank"}
 
 
 def test_empty_lake_has_every_view_typed_and_empty(tmp_path):

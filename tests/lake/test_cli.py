@@ -38,9 +38,10 @@ def test_top_prints_ranked_chunks_with_text(small_lake, capsys):
     assert code == 0
     assert "The capital of France is" in out
     body = out.splitlines()
-    assert body[1].split()[:2] == ["rank", "score"]
-    assert "Paris is the capital of France" in body[3]
-    assert "The Eiffel tower is in Paris" in body[4]
+    heading = body.index("== ms-if@rel:0.1: top 2 of 4 scored candidates ==")
+    assert body[heading + 1].split()[:4] == ["rank", "share", "percentile", "score"]
+    assert "Paris is the capital of France" in body[heading + 3]
+    assert "The Eiffel tower is in Paris" in body[heading + 4]
     assert body[-1] == "(2 rows)"
 
 
@@ -61,7 +62,7 @@ def test_status_lists_tables_and_partitions(small_lake, capsys):
 
 def test_registry_has_builtin_commands():
     parser = build_parser()
-    for argv in (["sql", "SELECT 1"], ["top", "q"], ["status"]):
+    for argv in (["sql", "SELECT 1"], ["top", "q"], ["queries"], ["status"]):
         assert callable(parser.parse_args(argv).handler)
     with pytest.raises(SystemExit):
         parser.parse_args(["no-such-command"])
