@@ -100,16 +100,21 @@ def exact_truncation(x: Factored, rank: int) -> Factored:
     return Factored(left, right)
 
 
-def precondition_stage(x: Factored, factors: EkfacFactors, name: str, damping: Damping, rank: int) -> Factored:
-    """Rank-``rank`` approximation of ``P(L Rᵀ)`` for one module, never forming Q_S·V·Q_A."""
+def precondition_stage(x: Factored, factors: EkfacFactors, name: str, damping: Damping, rank: int,
+                       svd_dtype: torch.dtype = torch.float64) -> Factored:
+    """Rank-``rank`` approximation of ``P(L Rᵀ)`` for one module, never forming Q_S·V·Q_A.
+
+    The rotation in and the division by Λ + λ run in float64: small dampings amplify their
+    rounding. The SVD and the rotation back run in ``svd_dtype``; float32 there costs a
+    relative ~1e-6 of the result (far below the truncation error) and is 2–3× faster on CPU."""
     basis = factors.eigenbasis
     device = x.left.device
     q_a, q_s = basis.q_a[name].to(device, torch.float64), basis.q_s[name].to(device, torch.float64)
     lambdas = factors.lambdas[name].to(device, torch.float64)
     rotated = (q_s.T @ x.left.double()) @ (q_a.T @ x.right.double()).mT  # (Q, m, n) in the eigenbasis
     rotated /= lambdas + damping.resolve(lambdas)
-    top = top_singular(rotated, rank)
-    return Factored(q_s @ top.left, q_a @ top.right)
+    top = top_singular(rotated.to(svd_dtype), rank)
+    return Factored(q_s.to(svd_dtype) @ top.left, q_a.to(svd_dtype) @ top.right)
 
 
 def is_low_rank_worth_it(rank: int, m: int, n: int) -> bool:
@@ -138,13 +143,14 @@ def low_rank_vectors(
         out = precondition(ft_factors, dense, damping)
         return (out if method == "ss-if" else precondition(pt_factors, out, damping))[name]
     x = tokens.factored()
+    svd_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     if method == "gdp":
         x = exact_truncation(Factored(x.left.double(), x.right.double()), rank)
     elif method == "ss-if":
-        x = precondition_stage(x, ft_factors, name, damping, rank)
+        x = precondition_stage(x, ft_factors, name, damping, rank, svd_dtype)
     elif method == "ms-if":
-        x = precondition_stage(x, ft_factors, name, damping, max(inner_rank, rank))
-        x = precondition_stage(x, pt_factors, name, damping, rank)
+        x = precondition_stage(x, ft_factors, name, damping, max(inner_rank, rank), svd_dtype)
+        x = precondition_stage(x, pt_factors, name, damping, rank, svd_dtype)
     else:
         raise ValueError(f"method={method!r}; choose ms-if, ss-if or gdp")
     return LowRankQueries(x.left.to(dtype).contiguous(), x.right.to(dtype).contiguous())

@@ -66,6 +66,30 @@ def test_low_rank_vectors_are_near_the_best_rank_r_approximation(world, method, 
     assert low_rank_modules > 0
 
 
+@pytest.mark.parametrize("method", ["ss-if", "ms-if"])
+def test_float32_query_gradients_take_the_float32_svd_and_stay_near_the_best_rank_r(world, method):
+    """Float32 gradients run the SVD and rotation back in float32 (the rotation in and the
+    division stay float64): the vectors come back float32 and are within 2 % + float32
+    rounding of the optimal truncation error, as the float64 path is."""
+    ft, specs, queries, pt_f, ft_f = world
+    damping, rank = Damping("relative", 0.1), 3
+    exact = preconditioned_queries(method, sequence_gradients(ft, specs, queries), pt_f, ft_f, damping)
+    tokens = token_gradients(ft, specs, queries)
+    checked = 0
+    for spec in specs:
+        if not is_low_rank_worth_it(rank, spec.d_out, spec.d_in):
+            continue
+        t = tokens[spec.name]
+        got = low_rank_vectors(method, type(t)(t.a.float(), t.s.float()), spec.name, rank, 10_000, pt_f, ft_f, damping)
+        assert got.left.dtype == torch.float32
+        optimal = (exact[spec.name] - _dense(truncate(exact[spec.name], rank))).flatten(1).norm(dim=1)
+        error = (exact[spec.name] - got.dense().double()).flatten(1).norm(dim=1)
+        scale = exact[spec.name].flatten(1).norm(dim=1)
+        assert bool((error <= 1.02 * optimal + 1e-5 * scale).all()), (spec.name, error / optimal)
+        checked += 1
+    assert checked > 0
+
+
 def test_a_small_inner_rank_is_an_approximation_and_a_full_one_is_not(world):
     ft, specs, queries, pt_f, ft_f = world
     damping = Damping("relative", 0.1)
