@@ -2,7 +2,8 @@
 
 Looked up in ``$MSIF_CONFIG``, else ``./msif.toml``; with neither, msif runs on the embedded
 default world. Sections: ``[lake] root``, ``[inputs] inbox/pretrained_model/finetuned_model/
-finetune_data/queries`` (all five, or none for the default world), ``[compute] …`` (any
+finetune_data/queries`` (all five, or none for the default world; optional ``text_column`` /
+``id_column`` name the corpus text and id fields), ``[compute] …`` (any
 ``ComputeSettings`` field), ``[demo] dir/size``. ``MSIF_LAKE`` overrides the lake root. Every
 bad key or value is a :class:`ConfigError` naming the file and key, before anything runs.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .lake.inputs import CorpusColumns
 from .pipeline.settings import ComputeSettings, SettingsError
 
 class ConfigError(ValueError):
@@ -21,6 +23,7 @@ class ConfigError(ValueError):
 
 
 INPUT_FIELDS = ("inbox", "pretrained_model", "finetuned_model", "finetune_data", "queries")
+COLUMN_FIELDS = ("text_column", "id_column")  # optional [inputs] keys: the corpus fields (lake.inputs.CorpusColumns)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class MsifConfig:
     demo_dir: str = ".msif/demo"
     demo_size: str = "default"
     source: str = "defaults"
+    columns: CorpusColumns = field(default_factory=CorpusColumns)
 
     def __post_init__(self) -> None:
         if isinstance(self.compute, ComputeSettings):
@@ -83,14 +87,18 @@ def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
             raise ConfigError(f"{candidate}: {err} — fix the TOML syntax") from err
     elif path or os.environ.get("MSIF_CONFIG"):
         raise ConfigError(f"config file {candidate} does not exist")
-    unknown = set(raw) - {"lake", "inputs", "compute", "demo"}
+    unknown = set(raw) - {"lake", "inputs", "compute", "demo", "counterfactual"}  # [counterfactual]: msif validate reads it
     if unknown:
-        raise ConfigError(f"{candidate}: unknown section(s) {sorted(unknown)}; use lake, inputs, compute, demo")
+        raise ConfigError(f"{candidate}: unknown section(s) {sorted(unknown)}; use lake, inputs, compute, demo, counterfactual")
     for section, keys in (("lake", {"root"}), ("demo", {"dir", "size"})):
         extra = set(raw.get(section, {})) - keys
         if extra:
             raise ConfigError(f"{candidate}: [{section}] unknown key(s) {sorted(extra)}; valid: {sorted(keys)}")
-    inputs = raw.get("inputs", {})
+    inputs = dict(raw.get("inputs", {}))
+    columns = _columns(candidate, {k: inputs.pop(k) for k in COLUMN_FIELDS if k in inputs})
+    if columns != CorpusColumns() and not inputs:
+        raise ConfigError(f"{candidate}: [inputs] {'/'.join(COLUMN_FIELDS)} name the fields of your own corpus; give "
+                          f"the inbox and the other inputs too ({list(INPUT_FIELDS)}), or remove them for the default world")
     if inputs and set(inputs) != set(INPUT_FIELDS):
         missing, extra = set(INPUT_FIELDS) - set(inputs), set(inputs) - set(INPUT_FIELDS)
         raise ConfigError(f"{candidate}: [inputs] needs exactly {list(INPUT_FIELDS)}; missing {sorted(missing)}, unknown {sorted(extra)}")
@@ -105,4 +113,13 @@ def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
         demo_dir=absolute(demo.get("dir", ".msif/demo")),
         demo_size=demo.get("size", "default"),
         source=str(candidate) if candidate.is_file() else "defaults",
+        columns=columns,
     )
+
+
+def _columns(source: Path, given: dict[str, Any]) -> CorpusColumns:
+    for key, value in given.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{source}: [inputs] {key} = {value!r} — give a column name as a non-empty string, e.g. "
+                              f"{key} = \"{'text' if key == 'text_column' else 'doc_id'}\"")
+    return CorpusColumns(text=given.get("text_column", "text"), id=given.get("id_column"))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from . import lineage
+from . import diff, lineage, validate
 from .options import lake_option, lake_root
 from .render import output_options, render
 
@@ -182,7 +182,8 @@ def register_status(subparsers: Any) -> None:
     p.set_defaults(handler=_cmd_status)
 
 
-COMMANDS: list[Register] = [lineage.register, register_sql, register_queries, register_top, register_status]
+COMMANDS: list[Register] = [lineage.register, register_sql, register_queries, register_top, diff.register, register_status,
+                            validate.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,7 @@ def _bring_up_to_date(config, defs, instance) -> tuple:
     if new_shards and cursor is not None:
         _, cursor = runner.refresh(defs, instance, cursor, run_log=refreshed)
     everything = runner.all_requests(defs, instance)
+    everything.pop(dg.AssetKey("default_world"), None)  # built or reused above: once per run
     missing = everything if lake_empty else {k: v for k, v in everything.items() if not _materialized(instance, k, v)}
     ran = runner.execute(defs, instance, missing) if missing else runner.RunLog()
     runner.retry_deferred(defs, instance, ran)

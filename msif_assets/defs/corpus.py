@@ -76,7 +76,7 @@ def _inbox_files(context, inputs: InputsResource) -> dg.DataVersionsByPartition:
     return dg.DataVersionsByPartition({})
 
 
-# As an AssetsDefinition, so the inbox sensor can target it (that also puts it in the Definitions).
+# As an AssetsDefinition: the inbox sensor targets its key, and build.py can add upstream edges (default_world).
 inbox_files = create_external_asset_from_source_asset(_inbox_files)
 
 
@@ -85,7 +85,7 @@ def corpus_shards(context: dg.AssetExecutionContext, lake: LakeResource, inputs:
     """Documents of one inbox file; malformed rows and doc_ids that a shard named before this
     one has go to the rejects table, never dropped."""
     layout, shard = lake.layout(), context.partition_key
-    result = ingest_shard(layout, inputs.path("inbox"), shard)
+    result = ingest_shard(layout, inputs.path("inbox"), shard, inputs.corpus_columns())
     docs = tables.read_docs(layout, shard)
     for warning in result.warnings:
         context.log.warning(warning)

@@ -90,7 +90,7 @@ def build_ekfac_fidelity(config: fe.FidelityConfig = fe.FidelityConfig()) -> dg.
     return ekfac_fidelity
 
 
-ekfac_fidelity = build_ekfac_fidelity()
+ekfac_fidelity = build_ekfac_fidelity(fe.fidelity_config_from_env())  # MSIF_FIDELITY=small: a few seconds
 
 
 @dg.asset(group_name=GROUP, deps=[pretrained_model, finetuned_model], automation_condition=refresh_on_change(),

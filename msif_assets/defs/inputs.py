@@ -38,9 +38,10 @@ def pretrained_model(inputs: InputsResource) -> dg.DataVersion:
     return dg.DataVersion(fingerprint_model_dir(inputs.path("pretrained_model"))[:24])
 
 
-@dg.observable_source_asset(group_name=GROUP, description="Fine-tuned model directory, by content hash.")
+@dg.observable_source_asset(group_name=GROUP, description="Fine-tuned model directory, or PEFT adapter directory "
+                            "(its hash covers the pre-trained base too), by content hash.")
 def finetuned_model(inputs: InputsResource) -> dg.DataVersion:
-    return dg.DataVersion(fingerprint_model_dir(inputs.path("finetuned_model"))[:24])
+    return dg.DataVersion(fingerprint_model_dir(inputs.path("finetuned_model"), base=inputs.path("pretrained_model"))[:24])
 
 
 @dg.observable_source_asset(group_name=GROUP, description="Sample of the fine-tuning data (JSONL) for the fine-tuned factors.")

@@ -22,7 +22,8 @@ GROUP = "queries"
 def queries(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """The queries table; a missing completion is the fine-tuned model's greedy answer."""
     settings = compute.settings
-    table = load_queries(inputs.path("queries"), load_finetuned(inputs.path("finetuned_model"), settings), settings)
+    ft = load_finetuned(inputs.path("finetuned_model"), settings, base=inputs.path("pretrained_model"))
+    table = load_queries(inputs.path("queries"), ft, settings)
     tables.write_queries(lake.layout(), table)
     generated = sum('"generated"' in m for m in table.column("meta").to_pylist())
     preview = "\n".join(f"- `{r['query_id']}` {r['prompt']} → **{r['completion']}**" for r in table.slice(0, 10).to_pylist())

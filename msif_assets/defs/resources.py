@@ -9,6 +9,7 @@ import pydantic
 from pydantic import Field, PrivateAttr
 
 from ..engine import Damping
+from ..lake.inputs import CorpusColumns
 from ..lake.layout import LakeLayout
 from ..pipeline.models import ModelIds
 from ..pipeline.settings import ComputeSettings
@@ -32,10 +33,16 @@ class InputsResource(dg.ConfigurableResource):
     finetuned_model: str
     finetune_data: str
     queries: str
+    text_column: str = Field(default="text", description="Corpus field/column holding the document text.")
+    id_column: str | None = Field(default=None, description="Corpus field/column holding the document id; "
+                                  "unset: doc_id, or derived <shard>:<row> ids for a columnar shard without it.")
     _model_ids: ModelIds | None = PrivateAttr(default=None)
 
     def path(self, name: str) -> Path:
         return Path(getattr(self, name)).expanduser().resolve()
+
+    def corpus_columns(self) -> CorpusColumns:
+        return CorpusColumns(text=self.text_column, id=self.id_column)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._model_ids = None  # resolved on first use, then fixed for the rest of the run

@@ -6,7 +6,7 @@ import dagster as dg
 from ..lake import tables
 from ..pipeline.models import load_pair
 from ..pipeline.scoring import score_shard
-from ..pipeline.settings import ALL_METHODS
+from ..pipeline.settings import ALL_METHODS, ScoreKey
 from .automation import HEAVY_POOL, refresh_on_change, table_version
 from .corpus import SHARDS, doc_chunks
 from .queries import candidates, queries, query_gradients
@@ -25,17 +25,52 @@ def influence_scores(context: dg.AssetExecutionContext, lake: LakeResource, inpu
     table = score_shard(layout, shard, pair, tables.read_queries(layout), settings)
     tables.write_scores(layout, ids.ft, shard, table)
     return dg.MaterializeResult(
-        metadata={"rows": table.num_rows, "ft_model": ids.ft, "pt_model": ids.pt, "top": dg.MetadataValue.md(_preview(table))},
+        metadata={"rows": table.num_rows, "ft_model": ids.ft, "pt_model": ids.pt, "top": dg.MetadataValue.md(preview(table, _chunk_texts(layout, shard)))},
         data_version=table_version(table, ignore=("computed_at",)),
     )
 
 
-def _preview(table, per_query: int = 3) -> str:
-    """Markdown: the top chunks per query under the first influence method present."""
-    methods = [m for m in ALL_METHODS if m in set(table.column("method").to_pylist())]
-    if not methods:
+def _chunk_texts(layout, shard: str) -> dict[str, str]:
+    chunks = tables.read_chunks(layout, shard)
+    return dict(zip(chunks.column("chunk_id").to_pylist(), chunks.column("text").to_pylist()))
+
+
+def _snippet(text: str | None, width: int = 80) -> str:
+    """One line of at most ``width`` characters, safe inside a Markdown table cell."""
+    flat = " ".join((text or "").split())
+    flat = flat if len(flat) <= width else flat[: width - 1].rstrip() + "…"
+    return flat.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'")
+
+
+def headline_key(keys) -> ScoreKey:
+    """The score group a preview shows: the first method in configuration order (ms-if first),
+    at its smallest relative damping, else its smallest absolute one (as ``msif top`` does)."""
+    return min(keys, key=lambda k: (ALL_METHODS.index(k.method), k.damping is not None and k.damping.mode != "relative",
+                                    k.damping.value if k.damping else 0.0))
+
+
+def preview(table, chunk_texts: dict[str, str], per_query: int = 3, max_queries: int = 20) -> str:
+    """Markdown: per query, the top chunks of this shard under one score group, each row with
+    its method, damping, rank, document id, score and a snippet of the chunk's text; then the
+    other score groups the shard holds (every method@damping is one ranking)."""
+    rows = table.to_pylist()
+    groups: dict[ScoreKey, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(ScoreKey.from_columns(r["method"], r["damping_kind"], r["damping"]), []).append(r)
+    if not groups:
         return "(no scores)"
-    rows = [r for r in table.to_pylist() if r["method"] == methods[0] and r["rank"] <= per_query]
-    lines = [f"Top {per_query} per query by **{methods[0]}** (this shard):", ""]
-    lines += [f"- `{r['query_id']}` #{r['rank']} `{r['doc_id']}` ({r['score']:.3g})" for r in sorted(rows, key=lambda r: (r["query_id"], r["rank"]))[:60]]
+    key = headline_key(groups)
+    top = sorted((r for r in groups[key] if r["rank"] <= per_query), key=lambda r: (r["query_id"], r["rank"]))
+    query_ids = sorted({r["query_id"] for r in top})
+    shown = set(query_ids[:max_queries])
+    lines = [f"Top {per_query} chunks per query in this shard by **{key.label}**:", "",
+             "| query | method | damping | rank | doc_id | score | text |", "|---|---|---|---:|---|---:|---|"]
+    lines += [f"| `{r['query_id']}` | {key.method} | {key.damping_label} | {r['rank']} | `{r['doc_id']}` | {r['score']:.3g} | "
+              f"{_snippet(chunk_texts.get(r['chunk_id']))} |" for r in top if r["query_id"] in shown]
+    if len(query_ids) > max_queries:
+        lines += ["", f"… and {len(query_ids) - max_queries} more queries."]
+    others = [k.label for k in sorted(groups, key=lambda k: k.order) if k != key]
+    if others:
+        lines += ["", f"Other score groups in this shard: {', '.join(others)}. All of them, with text: "
+                      "`SELECT * FROM top_k` or `msif top <query_id> --all`."]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ def _stat_signature(path: str) -> str:
     return "|".join(parts)
 
 
-@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING, target=[inbox_files])
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING, target=dg.AssetSelection.assets(inbox_files.key))
 def inbox_sensor(context: dg.SensorEvaluationContext, inputs: InputsResource) -> dg.SensorResult:
     """A new file in the inbox adds a shard partition; a new or changed file is observed as a
     new ``inbox_files`` data version, so automation (re-)ingests its shard and refreshes what

@@ -134,11 +134,15 @@ def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | Non
             return (not force and not ran and record.get("hash") == hashes[step]
                     and (output is None or output.is_file()))
 
+        def report_skipped() -> None:  # one line for the steps reused so far (always a prefix of STEPS)
+            if skipped and not ran:
+                log.info("build: %s up to date in %s, reused", ", ".join(skipped), out)
+
         def run(step: str, body: Callable[[], dict]) -> None:
             if fresh(step):
                 skipped.append(step)
-                log.info("build: %s is up to date (hash %s), skipping", step, hashes[step])
                 return
+            report_skipped()
             log.info("build: running %s", step)
             started = time.perf_counter()
             metrics = body()
@@ -188,6 +192,8 @@ def build_default_world(out_dir: str | os.PathLike, world_cfg: WorldConfig | Non
 
         for step, body in zip(STEPS, (do_world, do_tokenizer, do_pretrain, do_finetune, do_evaluate)):
             run(step, body)
+        if not ran:
+            report_skipped()
 
     metrics: dict = {}
     for step in STEPS:

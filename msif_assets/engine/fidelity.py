@@ -17,6 +17,7 @@ from .influence import FactorArgs, fit_factors, preconditioned_queries, score_ex
 from .metrics import pearson, spearman
 from .modules import discover_modules
 from .precondition import Damping
+from .traversal import Progress
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,23 @@ def fidelity_table(
     specs = discover_modules(model, "all")
     mlp_specs = [s for s in specs if s.group == "mlp"]
     fit = list(fit_examples) * fisher_repeats
+    fits = (("ekfac", specs, True), ("ekfac-unsplit", specs, False), ("ekfac-mlp", mlp_specs, True))
+    # a line as each phase starts (the long ones also log their own progress)
+    phases = Progress("fidelity: step", 3 + len(fits) + len(dampings))
+    step = iter(range(1, phases.total + 1))
     started = time.perf_counter()
+    phases.update(next(step), f"gradients of {len(queries)} queries and {len(candidates)} candidates", force=True)
     g_q = sequence_gradients(model, specs, queries)
     g_z = sequence_gradients(model, specs, candidates)
     flat_q, flat_z = flatten_gradients(g_q, specs), flatten_gradients(g_z, specs)
+    phases.update(next(step), f"exact GGN over {len(fit_examples)} sequences, {flat_q.shape[1]} parameters", force=True)
     ggn = exact_ggn(model, specs, fit_examples)
     exact_seconds = time.perf_counter() - started
     block_ggn = _module_blocks(ggn, [g_q[s.name][0].numel() for s in specs])
 
     factor_sets, fit_seconds = {}, {}
-    for method, subset, split in (("ekfac", specs, True), ("ekfac-unsplit", specs, False), ("ekfac-mlp", mlp_specs, True)):
+    for method, subset, split in fits:
+        phases.update(next(step), f"{method} factors over {len(fit)} sequences", force=True)
         t0 = time.perf_counter()
         factor_sets[method] = (subset, fit_factors(model, subset, fit, FactorArgs(seed=seed, split_heads=split)))
         fit_seconds[method] = time.perf_counter() - t0
@@ -75,6 +83,7 @@ def fidelity_table(
 
     rows: list[FidelityRow] = []
     for damping in dampings:
+        phases.update(next(step), f"damping {damping:g}: exact solves and {len(factor_sets)} EK-FAC scorings", force=True)
         t0 = time.perf_counter()
         truth = exact_influence(ggn, flat_q, flat_z, damping)
         rows.append(FidelityRow("exact", damping, 1.0, 1.0, exact_seconds + time.perf_counter() - t0))
@@ -87,6 +96,7 @@ def fidelity_table(
             vectors = preconditioned_queries("ss-if", {s.name: g_q[s.name] for s in subset}, None, factors, Damping("absolute", damping))
             pred = score_examples(model, subset, vectors, candidates).total
             rows.append(_row(method, damping, pred, truth, fit_seconds[method] + time.perf_counter() - t0))
+    phases.update(next(step), "done", force=True)
     return rows
 
 

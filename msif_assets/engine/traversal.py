@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Protocol
+from contextvars import ContextVar
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -74,19 +75,56 @@ def _module_hooks(model: nn.Module, specs: list[ModuleSpec], collector: Collecto
             handle.remove()
 
 
+_label: ContextVar[str] = ContextVar("msif_progress_label", default="")
+_label_source: Callable[[], str] | None = None
+
+
+@contextmanager
+def progress_label(label: str) -> Iterator[None]:
+    """Name what the body works on (``"pt_covariance [shard-03]"``): every :class:`Progress`
+    line logged inside it starts with the label."""
+    token = _label.set(label)
+    try:
+        yield
+    finally:
+        _label.reset(token)
+
+
+def set_progress_label_source(source: Callable[[], str] | None) -> None:
+    """Where labels come from when no :func:`progress_label` is active: a callable returning
+    the label of the work in progress, or ``""``. The engine knows nothing of Dagster; the
+    definitions install one that names the running asset and partition (``defs/progress.py``)."""
+    global _label_source
+    _label_source = source
+
+
+def current_progress_label() -> str:
+    label = _label.get()
+    if not label and _label_source is not None:
+        try:
+            label = _label_source()
+        except Exception:  # a label is a courtesy: it never breaks the work it describes
+            label = ""
+    return label
+
+
 class Progress:
-    """Logs ``<what> 12/96 (detail), 41.0s`` at most every 10 seconds: long steps are never silent."""
+    """Logs ``<label>: <what> 12/96 (detail), 41.0s`` at most every ``every`` seconds (and
+    always when ``force``): long steps are never silent, and each line names what it works on
+    (see :func:`progress_label`)."""
 
     def __init__(self, what: str, total: int | None = None, every: float = 10.0):
         self.what, self.total, self.every = what, total, every
         self.started = self.last = time.perf_counter()
 
-    def update(self, done: int, detail: str = "") -> None:
+    def update(self, done: int, detail: str = "", force: bool = False) -> None:
         now = time.perf_counter()
-        if now - self.last > self.every:
+        if force or now - self.last > self.every:
             self.last = now
             of = f"/{self.total}" if self.total else ""
-            log.info("%s %d%s%s, %.1fs", self.what, done, of, f" ({detail})" if detail else "", now - self.started)
+            label = current_progress_label()
+            log.info("%s%s %d%s%s, %.1fs", f"{label}: " if label else "", self.what, done, of,
+                     f" ({detail})" if detail else "", now - self.started)
 
 
 def model_device(model: nn.Module) -> torch.device:

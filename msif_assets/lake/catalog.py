@@ -41,6 +41,7 @@ from msif_assets.lake.tables import (
     CANDIDATES, CHUNKS, DOCUMENTS, EVAL_FIDELITY, EVAL_SUMMARY, QUERIES, REJECTS,
     SCORES, TableSpec,
 )
+from msif_assets.lake.tables import COUNTERFACTUAL_TABLES
 
 __all__ = ["Catalog", "CatalogError", "CatalogQueryError", "BASE_VIEWS", "TABLE_DIRS", "default_sql_dir",
            "DEFAULT_TIMEOUT_S", "DEFAULT_MEMORY_LIMIT"]
@@ -61,6 +62,7 @@ BASE_VIEWS: dict[str, TableSpec] = {
     "fact_tracing_full": FACT_TRACING_FULL, "fact_tracing_rerank": FACT_TRACING_RERANK,
     "fact_tracing_pools": FACT_TRACING_POOLS,
     "param_proximity": PARAM_PROXIMITY, "influence_share": INFLUENCE_SHARE,
+    **COUNTERFACTUAL_TABLES,  # sql/27_counterfactual.sql
 }
 _VIEW_RE = re.compile(r"^\s*(?:--[^\n]*\n\s*)*CREATE\s+OR\s+REPLACE\s+VIEW\s+([A-Za-z_][A-Za-z0-9_]*)\s+AS\b",
                       re.IGNORECASE)

@@ -9,9 +9,13 @@ Corpus file formats (chosen by suffix):
 - ``.jsonl``: one JSON object per line with ``doc_id`` (non-empty str) and ``text``
   (str, not blank). Any other keys are kept as metadata (``meta``, a JSON object
   string). Blank lines are skipped; they hold no record.
-- ``.parquet``: same fields as columns; row numbers (1-based) stand in for lines.
+- ``.parquet``, ``.arrow`` and ``Dataset.save_to_disk`` directories: same fields as columns,
+  read in batches (``hf_corpus``); row numbers (1-based) stand in for lines.
 - ``.txt``: one document per non-blank line; ``doc_id = "<file stem>:<line number>"``
   (1-based physical line number, so ids stay stable when blank lines are present).
+
+``[inputs] text_column`` / ``id_column`` (:class:`CorpusColumns`) rename ``text`` / ``doc_id``
+in JSONL and columnar shards; a columnar shard without an id column gets derived ids.
 
 Suffixes match case-insensitively (``.JSONL`` is JSON Lines). Every string stored must be
 valid Unicode: a JSON ``\\ud800``-style escape of a lone surrogate in ``doc_id``, ``text``
@@ -25,28 +29,46 @@ Tables returned:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from msif_assets.lake.layout import PartitionKeyError, validate_key
 from msif_assets.lake.tables import DOCUMENTS, REJECTS
 
 __all__ = [
-    "InputError", "ShardRead", "CORPUS_SUFFIXES",
+    "InputError", "ShardRead", "CORPUS_SUFFIXES", "CorpusColumns",
     "read_corpus_shard", "read_corpus_file", "shard_key_from_path", "corpus_reject_source",
     "find_cross_shard_duplicates", "reject_cross_shard_duplicates",
 ]
 
-CORPUS_SUFFIXES = (".jsonl", ".parquet", ".txt")
+CORPUS_SUFFIXES = (".jsonl", ".parquet", ".arrow", ".txt")
 _RAW_LIMIT = 1000
+_DOCS_BATCH = 8192
 _BOM = b"\xef\xbb\xbf"
 
 
 class InputError(ValueError):
     """A user-supplied file is unusable; the message names file, line, field and the fix."""
+
+
+@dataclass(frozen=True)
+class CorpusColumns:
+    """Which field of a structured shard (JSONL key, Arrow/Parquet column) holds the text and
+    which the id (``[inputs] text_column`` / ``id_column``). ``id`` None: ``doc_id``, and a
+    columnar shard without that column gets derived ids (``hf_corpus``)."""
+
+    text: str = "text"
+    id: str | None = None
+
+    @property
+    def id_key(self) -> str:
+        return self.id or "doc_id"
+
+    def to_config(self) -> dict[str, str | None]:
+        return {"text_column": self.text, "id_column": self.id}
 
 
 class ShardRead(NamedTuple):
@@ -60,10 +82,10 @@ def corpus_reject_source(shard: str) -> str:
 
 
 def shard_key_from_path(path: str | Path) -> str:
-    """Shard key for a corpus file: its stem, which must be a safe partition key."""
+    """Shard key for a corpus file (its stem) or dataset directory (its name): a safe partition key."""
     p = Path(path)
     try:
-        return validate_key(p.stem, "shard key")
+        return validate_key(p.name if p.is_dir() else p.stem, "shard key")
     except PartitionKeyError as exc:
         raise InputError(f"{p}: file name — {exc}") from exc
 
@@ -72,6 +94,7 @@ class _Row(NamedTuple):
     line: int
     obj: Any  # parsed object, or a _Reject
     raw: str
+    doc_id: str | None = None  # derived id (the shard has no id field)
 
 
 class _Reject(NamedTuple):
@@ -143,14 +166,6 @@ def _jsonl_rows(path: Path) -> Iterator[_Row]:
         yield _Row(line_no, obj, shown)
 
 
-def _parquet_rows(path: Path) -> Iterator[_Row]:
-    row_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-        for obj in batch.to_pylist():
-            row_no += 1
-            yield _Row(row_no, obj, json.dumps(obj, ensure_ascii=False, default=str))
-
-
 def _txt_rows(path: Path) -> Iterator[_Row]:
     for line_no, text, shown in _decoded_lines(path):
         if isinstance(text, _Reject):
@@ -191,25 +206,32 @@ def _meta_or_reject(obj: dict, known: Iterable[str]) -> str | _Reject:
     return _Reject("<line>", "metadata is not valid Unicode; fix the line")  # unreachable in practice
 
 
-def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
-    """Read every file of one corpus shard into (docs, rejects).
+def read_corpus_shard(shard: str, files: Sequence[str | Path], columns: CorpusColumns = CorpusColumns()) -> ShardRead:
+    """Read every file (or dataset directory) of one corpus shard into (docs, rejects).
 
     A ``doc_id`` repeated inside the shard keeps its first occurrence; later ones are
     rejected with the location of the first. Unreadable files become one reject row
-    with ``line = null``. Unknown suffixes raise InputError (the shard is misconfigured).
+    with ``line = null``. Unknown suffixes and a configured column missing from a columnar
+    shard raise InputError (the shard is misconfigured).
     """
+    from msif_assets.lake.hf_corpus import COLUMNAR_SUFFIXES, columnar_rows  # imports this module
+
     validate_key(shard, "shard")
     source = corpus_reject_source(shard)
+    parts: list[pa.Table] = []
     docs: list[dict] = []
     rejects: list[dict] = []
     first_seen: dict[str, str] = {}
     for file in files:
         path = Path(file)
-        readers = {".jsonl": _jsonl_rows, ".parquet": _parquet_rows, ".txt": _txt_rows}
+        readers = {".jsonl": _jsonl_rows, ".txt": _txt_rows}
         reader = readers.get(path.suffix.lower())
-        if reader is None:
+        if path.is_dir() or path.suffix.lower() in COLUMNAR_SUFFIXES:
+            reader = lambda p: columnar_rows(p, columns)  # noqa: E731
+        elif reader is None:
             raise InputError(f"{path}: file type — unsupported suffix {path.suffix!r} — "
-                             f"use one of {', '.join(CORPUS_SUFFIXES)}")
+                             f"use one of {', '.join(CORPUS_SUFFIXES)} or a Dataset.save_to_disk directory")
+        id_key, text_key = ("doc_id", "text") if reader is _txt_rows else (columns.id_key, columns.text)
 
         def reject(line: int | None, field: str, reason: str, raw: str) -> None:
             rejects.append({"source": source, "file": _storable(str(path)), "line": line,
@@ -220,30 +242,33 @@ def read_corpus_shard(shard: str, files: Sequence[str | Path]) -> ShardRead:
                 if isinstance(row.obj, _Reject):
                     reject(row.line, row.obj.field, row.obj.reason, row.raw)
                     continue
-                doc_id = _check_str(row.obj, "doc_id")
-                text = _check_str(row.obj, "text")
-                meta = _meta_or_reject(row.obj, ("doc_id", "text"))
+                doc_id = row.doc_id if row.doc_id is not None else _check_str(row.obj, id_key)
+                text = _check_str(row.obj, text_key)
+                meta = _meta_or_reject(row.obj, (text_key,) if row.doc_id is not None else (id_key, text_key))
                 bad = next((v for v in (doc_id, text, meta) if isinstance(v, _Reject)), None)
                 if bad is not None:
                     reject(row.line, bad.field, bad.reason, row.raw)
                     continue
                 where = f"{path}:{row.line}"
                 if doc_id in first_seen:
-                    reject(row.line, "doc_id", f"duplicate doc_id {doc_id!r} in shard {shard!r}; "
+                    reject(row.line, id_key, f"duplicate doc_id {doc_id!r} in shard {shard!r}; "
                            f"first seen at {first_seen[doc_id]} (kept)", row.raw)
                     continue
                 first_seen[doc_id] = where
                 docs.append({"shard": shard, "doc_id": doc_id, "text": text, "meta": meta,
                              "source_file": str(path), "source_line": row.line})
+                if len(docs) >= _DOCS_BATCH:  # Arrow holds the shard's documents far more compactly than dicts
+                    parts.append(pa.Table.from_pylist(docs, schema=DOCUMENTS.schema))
+                    docs = []
         except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:
             reject(None, "<file>", f"unreadable file: {exc}", "")
-    return ShardRead(pa.Table.from_pylist(docs, schema=DOCUMENTS.schema),
-                     pa.Table.from_pylist(rejects, schema=REJECTS.schema))
+    parts.append(pa.Table.from_pylist(docs, schema=DOCUMENTS.schema))
+    return ShardRead(pa.concat_tables(parts), pa.Table.from_pylist(rejects, schema=REJECTS.schema))
 
 
-def read_corpus_file(path: str | Path, shard: str | None = None) -> ShardRead:
+def read_corpus_file(path: str | Path, shard: str | None = None, columns: CorpusColumns = CorpusColumns()) -> ShardRead:
     """Read one corpus file as a shard (shard key defaults to the file stem)."""
-    return read_corpus_shard(shard if shard is not None else shard_key_from_path(path), [path])
+    return read_corpus_shard(shard if shard is not None else shard_key_from_path(path), [path], columns)
 
 
 def find_cross_shard_duplicates(docs: pa.Table | Iterable[pa.Table]) -> pa.Table:

@@ -13,6 +13,8 @@
   scores/model=<ft_hash>/shard=<shard>/part.parquet   influence scores (hive)
   rejects/source=<name>/part.parquet                  rejected input rows (hive)
   eval/<name>.parquet                                 evaluation tables
+  counterfactual/models/<key>/                        retrained models (content-addressed cache)
+  counterfactual/runs/<asset>/<partition>.json        which cached model a retrain partition holds
   .staging/                                           temp dirs for atomic swaps
 ```
 
@@ -174,3 +176,11 @@ class LakeLayout:
 
     def eval_file(self, name: str) -> Path:
         return self._inside("eval", f"{validate_key(name, 'evaluation table name')}.parquet")
+
+    # -- counterfactual retrains (pipeline/retrain.py) --------------------------
+    def counterfactual_model_dir(self, key: str) -> Path:
+        return self._inside("counterfactual", "models", validate_key(key, "retrain key"))
+
+    def counterfactual_run_file(self, asset: str, partition: str) -> Path:
+        return self._inside("counterfactual", "runs", validate_key(asset, "asset name"),
+                            f"{validate_key(partition, 'partition key')}.json")

@@ -5,6 +5,9 @@ A model directory is a Hugging Face ``save_pretrained`` folder: ``config.json``,
 and tokenizer files. Weights are loaded with ``use_safetensors=True`` only (never
 pickle), from local files only, and ``trust_remote_code`` stays False unless the
 caller opts in.
+
+The fine-tuned model may instead be a PEFT adapter directory over the pre-trained one
+(``adapters.py``): ``fingerprint_model_dir`` and ``load_model_for_finetune`` take the base for it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .adapters import AdapterDirInfo
 
 __all__ = [
     "ModelDirError", "ModelDirInfo", "LoadedModel", "TOKENIZER_FILES",
@@ -25,7 +31,7 @@ __all__ = [
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-    "sentencepiece.bpe.model",
+    "sentencepiece.bpe.model", "chat_template.jinja",  # chat queries and fine-tuning rows render with it
 )
 # Files that alone let a tokenizer be built; tokenizer_config.json by itself cannot.
 _TOKENIZER_CORE = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
@@ -59,6 +65,7 @@ class LoadedModel:
     tokenizer: Any
     task: Task
     info: ModelDirInfo
+    adapter: AdapterDirInfo | None = None  # set when the model is a base with a PEFT adapter merged in
 
 
 def _task_for(architectures: tuple[str, ...]) -> Task:
@@ -74,6 +81,9 @@ def validate_model_dir(path: str | os.PathLike[str]) -> ModelDirInfo:
         raise ModelDirError(f"model directory {p} does not exist (or is not a directory); "
                             "point to a folder written by save_pretrained()")
     config_path = p / "config.json"
+    if not config_path.is_file() and (p / "adapter_config.json").is_file():
+        raise ModelDirError(f"{p} is a PEFT adapter directory, not a full model; only finetuned_model may be an "
+                            "adapter (merged into pretrained_model), so point this input at a full model folder")
     if not config_path.is_file():
         raise ModelDirError(f"{p}: config.json is missing; save the model with save_pretrained()")
     try:
@@ -125,14 +135,21 @@ def _file_digest(path: Path, chunk_bytes: int) -> tuple[int, bytes]:
     return st.st_size, digest.digest()
 
 
-def fingerprint_model_dir(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20) -> str:
+def fingerprint_model_dir(path: str | os.PathLike[str], chunk_bytes: int = 1 << 20,
+                          base: str | os.PathLike[str] | None = None) -> str:
     """sha256 (hex) over config.json, safetensors weights (+ index) and tokenizer files.
 
     Stable across copies and mtimes (hashes relative names, sizes and content digests
     in sorted order); changes when any weight, config or tokenizer byte changes. Other
-    files (README, training args, optimizer state) do not count.
+    files (README, training args, optimizer state) do not count. For a PEFT adapter
+    directory it is the merged model's id, over ``base`` and the adapter (adapters.py);
+    ``base`` is ignored for a full model directory.
     """
     p = Path(path).expanduser()
+    if (p / "adapter_config.json").is_file():
+        from .adapters import fingerprint_adapter_dir  # adapters builds on this module
+
+        return fingerprint_adapter_dir(p, base, chunk_bytes)
     info = validate_model_dir(p)
     names = {"config.json", *info.weight_files, *info.tokenizer_files}
     names.update(f.name for f in p.glob("*.safetensors.index.json"))
@@ -237,11 +254,17 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: Any = None, device: str 
 
 
 def load_model_for_finetune(path: str | os.PathLike[str], dtype: Any = None, device: str | None = None,
-                            trust_remote_code: bool = False, **kwargs: Any) -> LoadedModel:
+                            trust_remote_code: bool = False, base: str | os.PathLike[str] | None = None,
+                            **kwargs: Any) -> LoadedModel:
     """Load a fine-tuned model: sequence classification if ``config.architectures``
-    names a ``*ForSequenceClassification`` class, else a causal LM."""
+    names a ``*ForSequenceClassification`` class, else a causal LM. A PEFT adapter
+    directory is merged into the pre-trained model at ``base`` (adapters.py)."""
     import torch
 
+    if (Path(path).expanduser() / "adapter_config.json").is_file():
+        from .adapters import load_adapter_model  # adapters builds on this module
+
+        return load_adapter_model(path, base, dtype or torch.float32, device, trust_remote_code, **kwargs)
     info = validate_model_dir(path)
     return _load(info, info.task, dtype or torch.float32, device, trust_remote_code, **kwargs)
 

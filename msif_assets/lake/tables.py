@@ -24,6 +24,8 @@ rejects     rejects/source=<source>/part.parquet
     source str, file str, line? int64 (null = the whole file), field str, reason str, raw str
 eval_summary, eval_fidelity, fact_tracing_full, fact_tracing_rerank, fact_tracing_pools,
 param_proximity, influence_share   eval/<name>.parquet  (EVAL_TABLES; see schemas below)
+counterfactual_removals, lds_subsets, counterfactual_outputs, lds_outputs, counterfactual_summary,
+lds_summary, lds_per_query   eval/<name>.parquet  (COUNTERFACTUAL_TABLES: the counterfactual evaluation)
 
 Hive partition columns (``shard`` of chunks and scores, ``source`` of rejects) are not
 stored inside the partition files; readers add them back from the path. Every write
@@ -154,10 +156,48 @@ INFLUENCE_SHARE = TableSpec("influence_share", pa.schema([
     _f("param_share_attn", pa.float64(), False), _f("pt_model", _S, False), _f("ft_model", _S, False),
     _f("computed_at", _UTC_US, False),
 ]), key=("method", "damping_kind", "damping", "pt_model", "ft_model"))
+# Counterfactual evaluation (pipeline/counterfactual*.py; views in sql/27_counterfactual.sql).
+_F64, _I32, _I64 = pa.float64(), pa.int32(), pa.int64()
+_RUN_COLUMNS = [_f("run_key", _S), _f("kind", _S), _f("method", _S, True), _f("damping_kind", _S, True),
+                _f("damping", _F64, True), _f("k", _I32, True)]
+COUNTERFACTUAL_REMOVALS = TableSpec("counterfactual_removals", pa.schema([
+    *[c for c in _RUN_COLUMNS if c.name != "kind"], _f("query_id", _S), _f("doc_id", _S), _f("rank", _I32, True),
+    _f("score", _F64, True), _f("ft_model", _S), _f("computed_at", _UTC_US),
+]), key=("run_key", "query_id", "doc_id"))
+LDS_SUBSETS = TableSpec("lds_subsets", pa.schema([
+    _f("subset", _S), _f("doc_id", _S), _f("alpha", _F64), _f("subset_seed", _I64), _f("computed_at", _UTC_US),
+]), key=("subset", "doc_id"))
+_OUTPUT_ROWS = pa.schema([
+    *_RUN_COLUMNS, _f("subset", _S, True), _f("seed", _I64), _f("query_id", _S), _f("logp", _F64),
+    _f("n_tokens", _I32), _f("greedy", _S), _f("correct", pa.bool_()), _f("n_train_docs", _I64),
+    _f("model_key", _S), _f("ft_model", _S), _f("computed_at", _UTC_US),
+])
+COUNTERFACTUAL_OUTPUTS = TableSpec("counterfactual_outputs", _OUTPUT_ROWS, key=("run_key", "query_id"))
+LDS_OUTPUTS = TableSpec("lds_outputs", _OUTPUT_ROWS, key=("run_key", "query_id"))
+COUNTERFACTUAL_SUMMARY = TableSpec("counterfactual_summary", pa.schema([
+    *_RUN_COLUMNS, _f("seed", _I64), _f("n_queries", _I32), _f("n_removed", _I64),
+    *[_f(c, _F64, True) for c in ("mean_delta_logp", "delta_ci_lo", "delta_ci_hi", "mean_abs_delta_logp",
+                                  "frac_logp_down", "flip_rate", "flip_ci_lo", "flip_ci_hi", "accuracy", "train_seconds")],
+    _f("args", _S), _f("ft_model", _S), _f("computed_at", _UTC_US),
+]), key=("run_key",))
+_LDS_KEY_COLUMNS = [_f("method", _S), _f("damping_kind", _S, True), _f("damping", _F64, True), _f("seed", _I64, True)]
+LDS_SUMMARY = TableSpec("lds_summary", pa.schema([
+    *_LDS_KEY_COLUMNS, _f("lds", _F64, True), _f("ci_lo", _F64, True), _f("ci_hi", _F64, True),
+    _f("ci_lo_subsets", _F64, True), _f("ci_hi_subsets", _F64, True), _f("n_queries", _I32), _f("n_subsets", _I32), _f("alpha", _F64), _f("args", _S), _f("ft_model", _S),
+    _f("computed_at", _UTC_US),
+]), key=("method", "damping_kind", "damping", "seed"))
+LDS_PER_QUERY = TableSpec("lds_per_query", pa.schema([
+    *_LDS_KEY_COLUMNS, _f("query_id", _S), _f("spearman", _F64, True), _f("n_subsets", _I32), _f("ft_model", _S),
+    _f("computed_at", _UTC_US),
+]), key=("method", "damping_kind", "damping", "seed", "query_id"))
+COUNTERFACTUAL_TABLES: dict[str, TableSpec] = {
+    s.name: s for s in (COUNTERFACTUAL_REMOVALS, LDS_SUBSETS, COUNTERFACTUAL_OUTPUTS, LDS_OUTPUTS, COUNTERFACTUAL_SUMMARY,
+                        LDS_SUMMARY, LDS_PER_QUERY)
+}
 EVAL_TABLES: dict[str, TableSpec] = {
     s.name: s for s in (EVAL_SUMMARY, EVAL_FIDELITY, FACT_TRACING_FULL, FACT_TRACING_RERANK, FACT_TRACING_POOLS,
                         PARAM_PROXIMITY, INFLUENCE_SHARE)
-}
+} | COUNTERFACTUAL_TABLES
 
 
 def conform(table: pa.Table, spec: TableSpec, *, fill_missing_nullable: bool = False) -> pa.Table:

@@ -1,10 +1,11 @@
 """Corpus steps: inbox file → documents (+ rejects) → token chunks → embeddings.
 
 The inbox is read by :func:`scan_inbox`: one file = one shard (key = file stem; suffixes
-``.jsonl``/``.parquet``/``.txt`` in any case). Nothing in it is skipped silently: hidden
-files, other suffixes, directories and unsafe names are listed in ``InboxScan.problems``
-(the sensor and ``msif materialize`` log them), and a path that resolves outside the inbox
-(a symlink to ``/etc/passwd``) is refused, never opened.
+``.jsonl``/``.parquet``/``.arrow``/``.txt`` in any case), and one ``Dataset.save_to_disk``
+directory = one shard (key = directory name; its files are hashed as the shard's input).
+Nothing in it is skipped silently: hidden files, other suffixes, other directories and unsafe
+names are listed in ``InboxScan.problems`` (the sensor and ``msif materialize`` log them), and
+a path that resolves outside the inbox (a symlink to ``/etc/passwd``) is refused, never opened.
 
 A ``doc_id`` is unique across the corpus: when two shards have it, the shard whose name
 sorts first keeps the document and the other rejects its row (naming both). A shard's input
@@ -29,8 +30,9 @@ from ..engine.chunking import chunk_documents
 from ..lake import tables
 from ..lake.embeddings import encode_texts
 from ..lake.atomic import atomic_write
+from ..lake.hf_corpus import dataset_dir_problem, is_dataset_dir, shard_files
 from ..lake.inputs import (
-    CORPUS_SUFFIXES, InputError, corpus_reject_source, read_corpus_shard, reject_cross_shard_duplicates,
+    CORPUS_SUFFIXES, CorpusColumns, InputError, corpus_reject_source, read_corpus_shard, reject_cross_shard_duplicates,
     shard_key_from_path,
 )
 from ..lake.layout import LakeLayout
@@ -70,11 +72,12 @@ def scan_inbox(inbox: str | Path) -> InboxScan:
             scan.ignored.append(f"{path}: hidden file (name starts with '.') — not read; "
                                 "rename it without the leading '.' to load it as a shard")
             continue
-        if path.suffix.lower() not in CORPUS_SUFFIXES:
-            what = "a directory" if path.is_dir() else f"suffix {path.suffix or '(none)'!r}"
+        dataset = is_dataset_dir(path)
+        if not dataset and (path.is_dir() or path.suffix.lower() not in CORPUS_SUFFIXES):
+            what = (dataset_dir_problem(path) or "a directory") if path.is_dir() else f"suffix {path.suffix or '(none)'!r}"
             scan.ignored.append(f"{path}: {what} is not a corpus shard file — not read; give each shard as "
-                                f"one {suffixes} file directly in the inbox (e.g. convert CSV to JSON Lines "
-                                "with doc_id and text), or move it out of the inbox")
+                                f"one {suffixes} file or Dataset.save_to_disk directory directly in the inbox "
+                                "(e.g. convert CSV to JSON Lines with doc_id and text), or move it out of the inbox")
             continue
         try:
             key = shard_key_from_path(path)
@@ -82,13 +85,16 @@ def scan_inbox(inbox: str | Path) -> InboxScan:
             scan.ignored.append(f"{exc} — not read")
             continue
         target = path.resolve()
-        if not _inside(real_root, target):
-            link = "is a symlink to" if path.is_symlink() else "resolves to"
+        # a dataset directory inside the inbox may still hold links to files outside it
+        entries = [path, *(shard_files(path) if dataset else [])]
+        leak = next((p for p in entries if not _inside(real_root, p.resolve())), None)
+        if leak is not None:
+            link = "is a symlink to" if leak.is_symlink() else "resolves to"
             scan.refused.setdefault(key, []).append(
-                f"{path}: {link} {target}, outside the inbox {real_root} — refused, never read; "
+                f"{leak}: {link} {leak.resolve()}, outside the inbox {real_root} — refused, never read; "
                 "copy the file into the inbox instead")
             continue
-        if not target.is_file():
+        if not dataset and not target.is_file():
             scan.ignored.append(f"{path}: not a regular file ({'a broken symlink' if not target.exists() else 'not a file'}) "
                                 "— not read; put the shard's file itself in the inbox")
             continue
@@ -101,20 +107,27 @@ def inbox_shards(inbox: str | Path) -> dict[str, list[Path]]:
     return scan_inbox(inbox).shards
 
 
+def _named_files(files: Iterable[Path]) -> Iterator[tuple[str, Path]]:
+    """``(name, file)`` for each shard file, and for each file inside a dataset directory (``dir/file``)."""
+    for entry in map(Path, files):
+        for path in shard_files(entry):
+            yield (path.relative_to(entry.parent).as_posix() if path != entry else entry.name), path
+
+
 def files_stat(files: Iterable[Path]) -> str:
     """Cheap change signature of a shard's files (name, size, mtime, inode)."""
     parts = []
-    for path in files:
+    for name, path in _named_files(files):
         st = os.stat(path)
-        parts.append(f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
     return "|".join(parts)
 
 
 def files_digest(files: Iterable[Path]) -> str:
     """Content hash of a shard's files (names and bytes), read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(Path(path).name.encode() + b"\0")
+    for name, path in _named_files(files):
+        digest.update(name.encode() + b"\0")
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
@@ -152,34 +165,45 @@ def _doc_ids_file(layout: LakeLayout, shard: str) -> Path:
     return layout.shard_docs_file(shard).with_name("doc_ids.parquet")
 
 
+def _read_key(files: list[Path], columns: CorpusColumns) -> str:
+    """What a shard's doc_ids were read from: its files as they are now, and the column settings."""
+    return f"{files_stat(files)}|{columns.text}|{columns.id}"
+
+
 def _write_doc_ids(layout: LakeLayout, shard: str, docs: pa.Table, stat: str) -> None:
     table = docs.select(_DOC_IDS_SCHEMA.names).cast(_DOC_IDS_SCHEMA).replace_schema_metadata({_STAT_KEY: stat.encode()})
     atomic_write(_doc_ids_file(layout, shard), lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def _valid_doc_ids(layout: LakeLayout, shard: str, files: list[Path]) -> pa.Table:
+def _valid_doc_ids(layout: LakeLayout, shard: str, files: list[Path], columns: CorpusColumns) -> pa.Table:
     """The in-shard-valid doc_ids of another shard: from its ``doc_ids.parquet`` when that was
-    made from the files as they are now, else read from the files themselves."""
+    made from the files as they are now, else read from the files themselves (none while that
+    shard is misconfigured: its own step fails naming the problem, and fixing it re-versions this one)."""
     path = _doc_ids_file(layout, shard)
     try:
-        if path.is_file() and (pq.read_schema(path).metadata or {}).get(_STAT_KEY) == files_stat(files).encode():
+        if path.is_file() and (pq.read_schema(path).metadata or {}).get(_STAT_KEY) == _read_key(files, columns).encode():
             return pq.read_table(path, columns=_DOC_IDS_SCHEMA.names).cast(_DOC_IDS_SCHEMA)
     except (OSError, pa.ArrowException):
         pass  # unreadable or racing a rewrite: read the files
-    return read_corpus_shard(shard, files).docs.select(_DOC_IDS_SCHEMA.names).cast(_DOC_IDS_SCHEMA)
+    try:
+        docs = read_corpus_shard(shard, files, columns).docs
+    except InputError:
+        return _DOC_IDS_SCHEMA.empty_table()
+    return docs.select(_DOC_IDS_SCHEMA.names).cast(_DOC_IDS_SCHEMA)
 
 
-def _earlier_doc_ids(layout: LakeLayout, scan: InboxScan, shard: str, doc_ids: pa.Array) -> pa.Table:
+def _earlier_doc_ids(layout: LakeLayout, scan: InboxScan, shard: str, doc_ids: pa.Array, columns: CorpusColumns) -> pa.Table:
     """Documents of the shards named before ``shard`` whose doc_id is in ``doc_ids``."""
     wanted = doc_ids.combine_chunks() if isinstance(doc_ids, pa.ChunkedArray) else doc_ids
     parts = [_DOC_IDS_SCHEMA.empty_table()]
     for other in sorted(s for s in scan.shards if s < shard):
-        table = _valid_doc_ids(layout, other, scan.shards[other])
+        table = _valid_doc_ids(layout, other, scan.shards[other], columns)
         parts.append(table.filter(pc.is_in(table.column("doc_id"), value_set=wanted)))
     return pa.concat_tables(parts)
 
 
-def ingest_shard(layout: LakeLayout, inbox: str | Path, shard: str) -> IngestResult:
+def ingest_shard(layout: LakeLayout, inbox: str | Path, shard: str,
+                 columns: CorpusColumns = CorpusColumns()) -> IngestResult:
     """Read one shard's inbox file(s) into ``shards/<shard>/docs.parquet`` and its rejects
     (bad rows, and doc_ids a shard named before it has)."""
     scan = scan_inbox(inbox)
@@ -188,13 +212,15 @@ def ingest_shard(layout: LakeLayout, inbox: str | Path, shard: str) -> IngestRes
         if shard in scan.refused:
             raise InputError(f"shard {shard!r}: " + "; ".join(scan.refused[shard]))
         raise FileNotFoundError(
-            f"shard {shard!r}: no file {shard}.jsonl/.parquet/.txt in the inbox {inbox}; "
+            f"shard {shard!r}: no file {shard}.jsonl/.parquet/.arrow/.txt or dataset directory {shard}/ "
+            f"in the inbox {inbox}; "
             "it was removed or renamed — restore it or delete the partition"
         )
-    stat = files_stat(files)  # before reading: a file changed meanwhile never looks current
-    read = read_corpus_shard(shard, files)
+    stat = _read_key(files, columns)  # before reading: a file changed meanwhile never looks current
+    read = read_corpus_shard(shard, files, columns)
     _write_doc_ids(layout, shard, read.docs, stat)
-    kept, duplicates = reject_cross_shard_duplicates(read.docs, _earlier_doc_ids(layout, scan, shard, read.docs.column("doc_id")))
+    earlier = _earlier_doc_ids(layout, scan, shard, read.docs.column("doc_id"), columns)
+    kept, duplicates = reject_cross_shard_duplicates(read.docs, earlier)
     rejects = pa.concat_tables([read.rejects, duplicates])
     if duplicates.num_rows:
         rejects = rejects.sort_by([("file", "ascending"), ("line", "ascending")])

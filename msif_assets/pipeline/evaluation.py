@@ -232,33 +232,105 @@ def summary_markdown(summary: pa.Table) -> str:
     return "\n".join(lines)
 
 
-def plot_fact_tracing(summary: pa.Table, path: Path) -> Path:
-    """PNG: rows = protocols, columns = MRR / Recall@10 any / fraction, x = damping (log).
-    Undamped methods (GDP, RepSim, BM25) are dashed horizontal lines."""
+DAMPING_AXES = {  # damping kind → x axis: a relative α and an absolute λ are different quantities
+    "absolute": "absolute damping λ",
+    "relative": "relative damping α (λ = α·mean Λ per module)",
+}
+
+
+@dataclass(frozen=True)
+class PlotSeries:
+    """One damped method on one damping axis: points (damping value, metric value, damping label)."""
+
+    method: str
+    points: tuple[tuple[float, float, str], ...]
+
+
+@dataclass(frozen=True)
+class PlotPanel:
+    """One panel of the fact-tracing figure: a protocol, a metric and one damping kind
+    (``None`` when no method is damped); undamped methods are horizontal reference lines."""
+
+    protocol: str
+    metric: str
+    axis: str | None
+    series: tuple[PlotSeries, ...]
+    baselines: tuple[tuple[str, float], ...]
+
+    @property
+    def title(self) -> str:
+        return f"{self.protocol}: {self.metric}" + (f" — {self.axis} damping" if self.axis else "")
+
+    @property
+    def xlabel(self) -> str:
+        return DAMPING_AXES.get(self.axis, "(no damped method)")
+
+
+def fact_tracing_plot_data(summary: pa.Table) -> list[PlotPanel]:
+    """The panels of :func:`fact_tracing_figure`, row by row: per protocol one row for each
+    damping kind present (absolute first), columns MRR / Recall@10 any / fraction. Relative and
+    absolute dampings never share an axis."""
+    cells: dict[tuple[str, str], dict[ScoreKey, float]] = {}
+    for r in summary.to_pylist():
+        protocol, _, metric = r["metric"].partition("/")
+        cells.setdefault((protocol, metric), {})[ScoreKey.from_columns(r["method"], r["damping_kind"], r["damping"])] = r["value"]
+    present = {k.damping.mode for group in cells.values() for k in group if k.damping is not None}
+    axes = [kind for kind in DAMPING_AXES if kind in present] or [None]
+    panels = []
+    for protocol in PROTOCOLS:
+        for axis in axes:
+            for metric in list(SUMMARY_METRICS)[:3]:
+                group = cells.get((protocol, metric), {})
+                by_method: dict[str, list[tuple[float, float, str]]] = {}
+                for key, value in group.items():
+                    if key.damping is not None and key.damping.mode == axis:
+                        by_method.setdefault(key.method, []).append((key.damping.value, value, key.damping.label))
+                series = tuple(PlotSeries(m, tuple(sorted(pts))) for m, pts in sorted(by_method.items()))
+                baselines = tuple(sorted((k.method, v) for k, v in group.items() if k.damping is None))
+                panels.append(PlotPanel(protocol, metric, axis, series, baselines))
+    return panels
+
+
+def fact_tracing_figure(summary: pa.Table):
+    """A matplotlib Figure of :func:`fact_tracing_plot_data`: x = damping (log) on its own axis
+    per kind; relative dampings are squares, each point labelled (``rel:0.1``); undamped methods
+    (GDP, RepSim, BM25) are dashed horizontal lines in every panel."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state (renders with Agg)
 
-    fig = Figure(figsize=(13, 7))
-    axes = fig.subplots(len(PROTOCOLS), 3, squeeze=False)
-    rows = summary.to_pylist()
-    for i, protocol in enumerate(PROTOCOLS):
-        for j, metric in enumerate(list(SUMMARY_METRICS)[:3]):
-            ax, lines = axes[i][j], {}
-            for r in rows:
-                if r["metric"] == f"{protocol}/{metric}":
-                    lines.setdefault((r["method"], r["damping_kind"]), []).append((r["damping"], r["value"]))
-            for n, ((method, kind), points) in enumerate(sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))):
-                if points[0][0] is None:
-                    ax.axhline(points[0][1], linestyle="--", linewidth=1, label=method, color=f"C{n % 10}")
-                else:
-                    xs, ys = zip(*sorted(points))
-                    ax.plot(xs, ys, marker="o", label=f"{method} ({kind})", color=f"C{n % 10}")
-            if any(k[1] for k in lines):
-                ax.set_xscale("log")
-            ax.set_title(f"{protocol}: {metric}")
-            ax.set_xlabel("damping (kind in legend)")
-            ax.set_ylim(-0.02, 1.02)
-    axes[0][0].legend(fontsize=8)
+    panels = fact_tracing_plot_data(summary)
+    n_rows = len(panels) // 3
+    fig = Figure(figsize=(13, 3.5 * n_rows))
+    axes = fig.subplots(n_rows, 3, squeeze=False)
+    methods = sorted({s.method for p in panels for s in p.series} | {m for p in panels for m, _ in p.baselines})
+    color = {m: f"C{n % 10}" for n, m in enumerate(methods)}
+    for ax, panel in zip((a for row in axes for a in row), panels):
+        for method, value in panel.baselines:
+            ax.axhline(value, linestyle="--", linewidth=1, label=method, color=color[method])
+        values = sorted({x for s in panel.series for x, _, _ in s.points})
+        for s in panel.series:
+            xs, ys, labels = zip(*s.points)
+            marker = "s" if panel.axis == "relative" else "o"
+            ax.plot(xs, ys, marker=marker, label=f"{s.method} ({panel.axis})", color=color[s.method])
+            if panel.axis == "relative":
+                for x, y, text in s.points:
+                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color[s.method])
+        if values:
+            ax.set_xscale("log")
+            if panel.axis == "relative":  # few α values: tick each with its label
+                ax.set_xticks(values, [f"rel:{v:g}" for v in values])
+                ax.minorticks_off()
+        ax.set_title(panel.title)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylim(-0.02, 1.02)
+        if ax is axes[0][0] or (panel.axis == "relative" and panel.metric == "mrr" and panel.protocol == PROTOCOLS[0]):
+            ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_fact_tracing(summary: pa.Table, path: Path) -> Path:
+    """PNG of :func:`fact_tracing_figure`."""
+    fig = fact_tracing_figure(summary)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=72))
 
 

@@ -34,6 +34,8 @@ from ..engine.factors import (
 from ..engine.traversal import Progress, model_device
 from ..lake.factor_store import StreamingTensorWriter, TensorFile, load_tensors, read_metadata, save_tensors
 from ..lake import tables
+from ..lake.chat import render_chat
+from ..lake.inputs import InputError
 from ..lake.training_inputs import FinetuneData, read_finetune_file
 from ..lake.layout import LakeLayout
 from ..lake.models import LoadedModel
@@ -182,6 +184,8 @@ def finetune_examples(data: FinetuneData, loaded: LoadedModel) -> list[LMExample
     rows = data.table.to_pylist()
     if data.kind == "prompt_completion":
         return [query_example(_ids(tok, r["prompt"]), _ids(tok, r["completion"])) for r in rows]
+    if data.kind == "chat":
+        return [_chat_example(loaded, data.source, r) for r in rows]
     if data.kind == "classification":
         label2id = getattr(loaded.model.config, "label2id", {}) or {}
         return [classification_example(_ids(tok, r["text"]), _label_index(r["label"], label2id)) for r in rows]
@@ -189,6 +193,16 @@ def finetune_examples(data: FinetuneData, loaded: LoadedModel) -> list[LMExample
     from ..engine import document_example
 
     return [document_example(bos + _ids(tok, r["text"])) for r in rows]
+
+
+def _chat_example(loaded: LoadedModel, source: str, row: dict) -> LMExample:
+    """Loss on the final assistant turn; like prompt/completion rows, no ``<bos>`` is added
+    (a template that wants one writes it)."""
+    where = f"{source}:{row['source_line']}"
+    if loaded.task != "causal_lm":
+        raise InputError(f"{where}: messages — a sequence-classification fine-tune trains on labels — use {{'text','label'}} rows")
+    chat = render_chat(loaded.tokenizer, json.loads(row["messages"]), where, "fine-tuning row", prepend_bos=False)
+    return query_example(chat.prompt_ids, chat.completion_ids)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -297,7 +311,7 @@ def fit_finetuned_step(layout: LakeLayout, pt_dir: Path, ft_dir: Path, data_file
     Eigendecompositions and Λ's division run on the model's device, as in
     :func:`fit_finetuned_factors` (identical results). Returns the file and its lazy factors."""
     check_pair(pt_dir, ft_dir, settings)
-    ft = load_finetuned(ft_dir, settings)
+    ft = load_finetuned(ft_dir, settings, base=pt_dir)
     specs = discover_modules(ft.model, settings.scope)
     examples = finetune_examples(read_finetune_file(data_file), ft)
     args, device = settings.factor_args(pad_id_of(ft)), model_device(ft.model)

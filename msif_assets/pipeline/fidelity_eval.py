@@ -7,14 +7,18 @@ Table: ``eval_fidelity`` (tables.EVAL_FIDELITY).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import pyarrow as pa
 import torch
 
 from ..engine import document_example, query_example
 from ..engine.fidelity import FidelityRow, fidelity_table
+from ..engine.traversal import Progress
 from ..lake import tables
 from .evaluation import now_utc
 
@@ -73,8 +77,28 @@ class FidelityResult:
     config: FidelityConfig
 
 
-def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
-    """Train the model (float32, Adam, full batch), then :func:`fidelity_table` in float64."""
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_fidelity(config: FidelityConfig = FidelityConfig(), num_threads: int = 1) -> FidelityResult:
+    """Train the model (float32, Adam, full batch), then :func:`fidelity_table` in float64.
+
+    ``num_threads``: torch CPU threads for the whole run, restored after. One by default: a
+    hidden-8 model gains little from more on a quiet CPU, and on a busy one threads that wait
+    for each other are ruinous (measured on 2 cores at load ~5: the exact GGN took 1.1 s per
+    sequence with 2 threads, 0.16 s with 1)."""
+    with _torch_threads(num_threads):
+        return _run_fidelity(config)
+
+
+def _run_fidelity(config: FidelityConfig) -> FidelityResult:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     started = time.perf_counter()
@@ -87,10 +111,13 @@ def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
             num_attention_heads=config.heads, intermediate_size=config.intermediate,
             max_position_embeddings=config.seq_len, attn_implementation="sdpa"))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    for _ in range(config.train_steps):
+    progress = Progress(f"fidelity: training the hidden-{config.hidden} model on {config.n_train} walks, step", config.train_steps)
+    progress.update(0, force=True)
+    for step in range(1, config.train_steps + 1):
         opt.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
+        progress.update(step)
     with torch.no_grad():
         loss = float(model(input_ids=ids, labels=ids).loss)
     train_seconds = time.perf_counter() - started
@@ -101,6 +128,22 @@ def run_fidelity(config: FidelityConfig = FidelityConfig()) -> FidelityResult:
     docs = [document_example(s) for s in train]
     rows = fidelity_table(model, docs, queries, docs, config.dampings, config.fisher_repeats, config.seed)
     return FidelityResult(rows, loss, len(queries) * len(docs), train_seconds, config)
+
+
+# ``MSIF_FIDELITY`` picks the fidelity asset's size. "small" takes a few seconds; its numbers
+# mean little (8 training walks), so it is for runs that do not study fidelity: the test suite
+# sets it (tests/conftest.py), and a quick look at the pipeline may.
+FIDELITY_SIZES = {
+    "default": FidelityConfig(),
+    "small": FidelityConfig(n_train=8, train_steps=20, n_queries=2, dampings=(1e-3, 1e-1), fisher_repeats=1),
+}
+
+
+def fidelity_config_from_env() -> FidelityConfig:
+    name = os.environ.get("MSIF_FIDELITY", "default")
+    if name not in FIDELITY_SIZES:
+        raise ValueError(f"MSIF_FIDELITY={name!r}; choose one of {', '.join(FIDELITY_SIZES)}")
+    return FIDELITY_SIZES[name]
 
 
 def fidelity_rows(result: FidelityResult, computed_at: dt.datetime | None = None) -> pa.Table:

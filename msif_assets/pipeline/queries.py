@@ -19,6 +19,7 @@ from ..engine import (
     token_gradients,
 )
 from ..lake import tables
+from ..lake.chat import ChatRendering, messages_from_meta, render_chat
 from ..lake.embeddings import encode_texts
 from ..lake.training_inputs import read_queries_file
 from ..lake.layout import LakeLayout
@@ -36,6 +37,10 @@ def load_queries(path: str | Path, ft: LoadedModel, settings: ComputeSettings) -
     greedy answer, marked ``"completion_source": "generated"`` in ``meta``."""
     table = read_queries_file(path)
     rows = table.to_pylist()
+    for row in rows:
+        chat = _chat_rendering(row, ft)
+        if chat is not None:  # readable in SQL and `msif top`; the tokens come from meta.messages
+            row["prompt"] = chat.prompt_text
     # Every query must fit the model's window before anything runs on it: a given completion
     # with its prompt, a prompt to complete with room for at least one generated token.
     ids = [_query_ids(row, ft) for row in rows]
@@ -77,9 +82,28 @@ def _window_field(model: LoadedModel) -> tuple[int | None, str]:
     return None, ""
 
 
+def _chat_rendering(row: dict, ft: LoadedModel) -> ChatRendering | None:
+    """A chat query (``messages`` in its meta) rendered with the fine-tuned model's template;
+    None for a prompt/completion query."""
+    from ..lake.inputs import InputError
+
+    messages = messages_from_meta(row.get("meta"))
+    if messages is None:
+        return None
+    where = f"{row['source_file']}:{row['source_line']}"
+    if ft.task != "causal_lm":
+        raise InputError(f"{where}: messages — query {row['query_id']!r}: a sequence-classification fine-tune measures "
+                         "a label, not an assistant answer — write this query as prompt + completion (the label)")
+    return render_chat(ft.tokenizer, messages, where, f"query {row['query_id']!r}", prepend_bos=True)
+
+
 def _query_ids(row: dict, ft: LoadedModel) -> tuple[list[int], list[int] | None]:
     """The token ids a query is measured on: the prompt (after ``<bos>`` for a causal LM) and
-    the completion (None when missing, and for a classification fine-tune, where it names the label)."""
+    the completion (None when missing, and for a classification fine-tune, where it names the label).
+    A chat query's are its template rendering's, split where the generation prompt ends."""
+    chat = _chat_rendering(row, ft)
+    if chat is not None:
+        return chat.prompt_ids, chat.completion_ids
     tok = ft.tokenizer
     prompt = list(tok(row["prompt"], add_special_tokens=False)["input_ids"])
     if ft.task == "sequence_classification":

@@ -91,15 +91,21 @@ def test_a_run_killed_holding_the_pool_never_blocks_the_next(tmp_path):
 def test_two_materializations_of_one_lake_are_serialized(tmp_path):
     config = _config(tmp_path)
     first = subprocess.Popen(_msif(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second_proc = None
     try:
         lock = tmp_path / "lake" / ".msif.lock"
         _wait_for(lambda: lock.exists() and lock.read_text().strip() != "", 120, "the first run to take the lock")
+        # Both contenders start at once, while the first run has its whole lineage ahead of it.
+        second_proc = subprocess.Popen(_msif(config), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         busy = subprocess.run(_msif(config, "--no-wait"), env=_env(), capture_output=True, text=True, timeout=120)
         assert busy.returncode == 2 and f"pid {first.pid}" in busy.stderr, busy.stderr
-        second = subprocess.run(_msif(config), env=_env(), capture_output=True, text=True, timeout=600)
+        second_out, second_err = second_proc.communicate(timeout=600)
+        second = subprocess.CompletedProcess(second_proc.args, second_proc.returncode, second_out, second_err)
         out, err = first.communicate(timeout=600)
     finally:
         first.kill()
+        if second_proc is not None:
+            second_proc.kill()
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 0 and "waiting for" in second.stderr, second.stderr[-2000:]
     assert second.stdout.startswith("0 asset partitions"), second.stdout  # the first did all the work, once

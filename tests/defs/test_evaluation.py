@@ -23,7 +23,7 @@ from .byo_world import byo_definitions, make_world, write_jsonl
 # ---------------------------------------------------------------- materialization
 
 GOLD_LABELS = {"q-eve": ["s0-d4"], "q-fay": ["s0-d5", "s1-d5"]}
-SMALL_FIDELITY = fe.FidelityConfig(n_train=8, train_steps=20, n_queries=2, dampings=(1e-3, 1e-1), fisher_repeats=1)
+SMALL_FIDELITY = fe.FIDELITY_SIZES["small"]  # n_train=8, n_queries=2, dampings (1e-3, 1e-1)
 
 
 def _with_eval_assets(defs: dg.Definitions) -> dg.Definitions:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,14 @@ def test_rerun_skips_every_step(built):
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".build.lock"}
     assert after == before
 
+
+
+def test_a_cached_build_says_so_in_one_line(built, caplog):
+    out, world_cfg, train_cfg, _ = built
+    with caplog.at_level(logging.INFO, logger="msif_assets.demo.build"):
+        build_default_world(out, world_cfg, train_cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "msif_assets.demo.build"]
+    assert lines == [f"build: {', '.join(STEPS)} up to date in {out.resolve()}, reused"]
 
 def test_finetune_change_reruns_only_finetune_and_evaluation(built):
     out, world_cfg, train_cfg, _ = built

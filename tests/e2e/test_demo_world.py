@@ -49,6 +49,13 @@ def test_every_chunk_scored_and_gold_documents_present(demo):
     assert per_query["hi"] == per_query["lo"] == chunks
 
 
+
+def test_first_run_builds_the_default_world_once(demo):
+    """One materialization of ``default_world`` per run (the lineage's request for everything
+    missing must not build it a second time)."""
+    instance = demo[2]
+    assert len(instance.fetch_materializations(dg.AssetKey("default_world"), limit=10).records) == 1
+
 def test_second_run_recomputes_nothing(demo):
     config, defs, instance, _ = demo
     ran, refreshed, new_shards, _ = bring_up_to_date(config, defs, instance)
