@@ -41,7 +41,6 @@ from .counterfactual import digest
 
 log = logging.getLogger(__name__)
 RECORD = "run.json"
-OUTPUT_COLUMNS = ("query_id", "logp", "n_tokens", "greedy", "correct")
 MEASURE_VERSION = 1  # bump when measure() changes what it reports: cached outputs are keyed by it
 
 
