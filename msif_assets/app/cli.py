@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from . import diff, lineage, validate
 from .options import lake_option, lake_root
-from .render import output_options, render
+from .render import output_options, positive_int, render
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -94,16 +94,6 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of rows >= 1")
-    return value
-
-
 def _top_table(results: list) -> pa.Table:
     """csv/json: one table, each row labelled with its group (method@damping)."""
     from . import report
@@ -124,7 +114,7 @@ def register_top(subparsers: Any) -> None:
     p.add_argument("query_id", help="a query id (list them with `msif queries`)")
     p.add_argument("--method", default=None,
                    help="a scored method, e.g. ms-if, ss-if, gdp, repsim, bm25 (default ms-if; with --all: every method)")
-    p.add_argument("--k", type=_positive_int, default=10, help="rows per group (default 10)")
+    p.add_argument("--k", type=positive_int, default=10, help="rows per group (default 10)")
     p.add_argument("--damping", default=None, metavar="LABEL",
                    help="rel:<alpha> or abs:<lambda> as in msif.toml, e.g. rel:0.1, abs:1e-3 (a bare number is ambiguous)")
     p.add_argument("--all", action="store_true", help="every method and damping scored (or every damping of --method)")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from .options import lake_option, lake_root
-from .render import output_options, render
+from .render import output_options, positive_int, render
 
 if TYPE_CHECKING:
     from ..lake.catalog import Catalog
@@ -261,16 +261,6 @@ def _flat_table(chosen: dict[str, list[ScoreGroup]], stats: dict[tuple, dict], f
     return pa.Table.from_pylist(out)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of rows >= 1")
-    return value
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "diff", parents=[lake_option()], help="how attribution moved between two fine-tunes of one pre-trained model",
@@ -285,7 +275,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", default=None, help="a scored method, e.g. ms-if, ss-if, gdp (default ms-if)")
     p.add_argument("--damping", default=None, metavar="LABEL", help="rel:<alpha> or abs:<lambda>, e.g. rel:0.1")
     p.add_argument("--all", action="store_true", help="every method and damping (or every damping of --method)")
-    p.add_argument("--k", type=_positive_int, default=5, help="chunks listed per movement and group (default 5)")
+    p.add_argument("--k", type=positive_int, default=5, help="chunks listed per movement and group (default 5)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="stop a query after S seconds (default: $MSIF_SQL_TIMEOUT or 300; 0 = no limit)")
     p.add_argument("--memory-limit", default=None, metavar="SIZE",

@@ -11,6 +11,18 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+
+def positive_int(text: str) -> int:
+    """argparse type for a row count: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of rows >= 1")
+    return value
+
+
 def _cell(value: Any, max_width: int) -> str:
     if value is None:
         text = ""

@@ -17,6 +17,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from ..processes import stop_group
+
 from msif_assets.defs.run_launcher import PidCheckingRunLauncher, _process_start_time, process_state
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,12 +124,7 @@ def test_a_killed_run_is_marked_failed_by_the_monitoring_daemon(home, tmp_path):
             time.sleep(3)  # the same monitoring pass checked the live run too
             assert instance.get_run_by_id(alive_run.run_id).status == dg.DagsterRunStatus.STARTED
     finally:
-        if daemon is not None and daemon.poll() is None:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
-                daemon.wait()
+        if daemon is not None:
+            stop_group(daemon)
         _kill(alive)
         _kill(killed)

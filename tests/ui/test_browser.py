@@ -13,7 +13,6 @@ queue for the daemon.
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from ..processes import stop_group
 
 from tests.defs.byo_world import COMPUTE, make_world
 
@@ -77,16 +78,6 @@ def _wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout: fl
     raise AssertionError(f"dagster-webserver did not serve within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     chromium, sync_playwright = _ensure_chromium(), _ensure_playwright()
@@ -118,7 +109,7 @@ def server(tmp_path_factory):
             finally:
                 browser.close()
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _open(server, path: str):

@@ -4,11 +4,12 @@ instance and a trivial code location, on a free local port, and stopped once it 
 
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from ..processes import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,13 +39,7 @@ def _serve(argv: list[str], home: Path, code: Path, timeout: float = 120.0) -> s
             time.sleep(0.5)
         return log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
 
 
 def test_make_ui_serves_without_the_supersession_warning(tmp_path):
