@@ -34,14 +34,22 @@ def world(tmp_path_factory):
     return root, inputs, _scores(root, inputs, "one-block", query_batch_size=0)[0]
 
 
-def _assert_same(got, want, rel=1e-5):
+def _assert_same(got, want, rel=1e-4):
+    """Float32 scores: a block of one query runs other GEMM shapes than a block of three, and the
+    preconditioner at small damping amplifies their rounding to ~1e-5 of the largest score of the
+    (query, method, damping) group (seen: 0.006 on scores up to ~260). A block that mixed up
+    queries, chunks or keys would be off by the order of the scores themselves."""
     assert len(got) == len(want) > 0
+    group = lambda r: (r["query_id"], r["method"], r["damping"])  # noqa: E731
+    scale: dict = {}
+    for w in want:
+        scale[group(w)] = max(scale.get(group(w), 0.0), abs(w["score"]))
     for g, w in zip(got, want):
         assert {k: g[k] for k in ("query_id", "chunk_id", "method", "damping")} == {k: w[k] for k in ("query_id", "chunk_id", "method", "damping")}
         for column in ("score", "score_mlp", "score_attn"):
             assert (g[column] is None) == (w[column] is None)
             if g[column] is not None:
-                assert g[column] == pytest.approx(w[column], rel=rel, abs=1e-6 * max(1.0, abs(w["score"])))
+                assert g[column] == pytest.approx(w[column], rel=rel, abs=rel * max(1.0, scale[group(w)])), (w, column)
 
 
 def test_blocks_of_one_query_score_like_one_pass(world):
