@@ -1,7 +1,8 @@
 """One config file (TOML) plus environment variables, read and validated once.
 
 Looked up in ``$MSIF_CONFIG``, else ``./msif.toml``; with neither, msif runs on the embedded
-default world. Sections: ``[lake] root``, ``[inputs] inbox/pretrained_model/finetuned_model/
+default world. Sections: ``[lake] root`` (a directory, or an object-store URI such as
+``s3://bucket/prefix``), ``[inputs] inbox/pretrained_model/finetuned_model/
 finetune_data/queries`` (all five, or none for the default world; optional ``text_column`` /
 ``id_column`` name the corpus text and id fields), ``[compute] …`` (any
 ``ComputeSettings`` field), ``[demo] dir/size``. ``MSIF_LAKE`` overrides the lake root. Every
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .lake.inputs import CorpusColumns
+from .lake.storage import LakeStorageError, lake_path
 from .pipeline.settings import ComputeSettings, SettingsError
 
 class ConfigError(ValueError):
@@ -104,7 +106,7 @@ def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
         raise ConfigError(f"{candidate}: [inputs] needs exactly {list(INPUT_FIELDS)}; missing {sorted(missing)}, unknown {sorted(extra)}")
     base = candidate.parent.resolve() if candidate.is_file() else Path.cwd()
     absolute = lambda p: str((base / Path(p).expanduser()).resolve())  # noqa: E731
-    lake_root = os.environ.get("MSIF_LAKE") or absolute(raw.get("lake", {}).get("root", "lake"))
+    lake_root = os.environ.get("MSIF_LAKE") or _lake_root(candidate, raw.get("lake", {}).get("root", "lake"), base)
     demo = raw.get("demo", {})
     return MsifConfig(
         lake_root=lake_root,
@@ -115,6 +117,16 @@ def load_config(path: str | os.PathLike | None = None) -> MsifConfig:
         source=str(candidate) if candidate.is_file() else "defaults",
         columns=columns,
     )
+
+
+def _lake_root(source: Path, root: object, base: Path) -> str:
+    """``[lake] root``: a URI (s3://bucket/prefix) as it is, a path relative to the config file."""
+    if not isinstance(root, str) or not root.strip():
+        raise ConfigError(f"{source}: [lake] root = {root!r} — give a directory or a URI such as \"s3://bucket/msif-lake\"")
+    try:
+        return str(lake_path(root if "://" in root else base / Path(root).expanduser(), "[lake] root"))
+    except LakeStorageError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def _columns(source: Path, given: dict[str, Any]) -> CorpusColumns:

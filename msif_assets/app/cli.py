@@ -5,6 +5,8 @@
     msif queries [--lake DIR] [--format table|csv|json]
     msif top <query_id> [--method ms-if] [--damping rel:0.1] [--all] [--k 10] [--model FT_HASH] [--timeout S] [--memory-limit SIZE]
     msif status
+    msif materialize --executor celery [--broker URL]    steps on Celery workers (cluster.py)
+    msif worker [--queue dagster --queue gpu] [--name NAME] [--broker URL]
 
 The lake root comes from ``--lake``, else ``$MSIF_LAKE``, else ``./lake``. Each command is a
 ``register(subparsers)`` function that adds a subparser with ``handler=<fn(args) -> exit code>``;
@@ -23,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from . import diff, lineage, validate
+from . import cluster, diff, lineage, validate
 from .options import lake_option, lake_root
 from .render import output_options, positive_int, render
 
@@ -132,7 +134,7 @@ def _cmd_queries(args: argparse.Namespace) -> int:
     with Catalog.open(lake_root(args), **_budgets(args)) as catalog:
         table = catalog.query(report.QUERIES_SQL)
     if args.format == "table" and table.num_rows == 0:
-        print(f"no queries in the lake at {Path(lake_root(args)).resolve()}; materialize them "
+        print(f"no queries in the lake at {lake_root(args)}; materialize them "
               "(`msif materialize`, or `msif demo` for the default world)", file=sys.stderr)
     print(render(table, args.format, args.max_width))
     return 0
@@ -161,7 +163,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "partitions": [", ".join(r.partitions) for r in rows],
     })
     if args.format == "table":
-        print(f"lake: {Path(root).resolve()}")
+        print(f"lake: {root}")
     print(render(table, args.format, args.max_width))
     return 0
 
@@ -172,8 +174,24 @@ def register_status(subparsers: Any) -> None:
     p.set_defaults(handler=_cmd_status)
 
 
+def register_cluster(subparsers: Any) -> None:
+    """``--executor celery`` on ``materialize``/``refresh`` (lineage.py registers them), and ``msif worker`` (cluster.py)."""
+    for name in ("materialize", "refresh"):
+        parser = subparsers.choices[name]
+        cluster.add_executor_options(parser)
+        parser.set_defaults(handler=_executor_handler(parser.get_default("handler")))
+    cluster.register_worker(subparsers)
+
+
+def _executor_handler(in_process: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        return cluster.cmd_materialize(args) if cluster.uses_celery(args) else in_process(args)
+
+    return handler
+
+
 COMMANDS: list[Register] = [lineage.register, register_sql, register_queries, register_top, diff.register, register_status,
-                            validate.register]
+                            validate.register, register_cluster]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,13 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from msif_assets.config import ConfigError
     from msif_assets.lake.catalog import CatalogError, CatalogQueryError
+    from msif_assets.lake.storage import LakeStorageError
 
     from .lake_lock import LakeBusyError
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` stops a run like Ctrl-C does
     try:
         return int(args.handler(args) or 0)
-    except (CatalogError, CatalogQueryError, ConfigError, LakeBusyError) as exc:
+    except (CatalogError, CatalogQueryError, ConfigError, LakeBusyError, LakeStorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -219,7 +238,11 @@ def _write_traceback(args: argparse.Namespace) -> Path:
     import time
     import traceback
 
+    from msif_assets.lake.storage import is_remote
+
     folder = lake_root(args) / ".logs"
+    if is_remote(folder):
+        folder = Path(tempfile.gettempdir())
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:

@@ -2,16 +2,21 @@
 
 Runs are recorded in a Dagster instance that belongs to the lake (its run history says
 what the lake holds): ``$DAGSTER_HOME`` when set; else the repository's ``dagster_home/``
-for the default lake ``./lake`` (``make ui`` serves it); else ``<lake>/.dagster``.
+for the default lake ``./lake`` (``make ui`` serves it); else ``<lake>/.dagster``, or for a lake
+on an object store ``~/.msif/instances/<hash of its URI>`` (set ``$DAGSTER_HOME`` to share one
+instance, e.g. on PostgreSQL: ``deploy/postgres/``).
 """
 
 import dataclasses
 import fcntl
+import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 
+from ..lake.layout import LakeLayout
+from ..lake.storage import is_remote, lake_path
 from .options import lake_option
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,8 +29,11 @@ def _instance(lake_root: str):
     import dagster as dg
 
     if not os.environ.get("DAGSTER_HOME"):
-        lake = Path(lake_root).resolve()
-        home = REPO_HOME if lake == REPO_ROOT / "lake" else lake / ".dagster"
+        lake = lake_path(lake_root)
+        if is_remote(lake):
+            home = Path.home() / ".msif" / "instances" / hashlib.sha256(str(lake).encode()).hexdigest()[:16]
+        else:
+            home = REPO_HOME if lake == REPO_ROOT / "lake" else lake / ".dagster"
         home.mkdir(parents=True, exist_ok=True)
         if not (home / "dagster.yaml").exists() and (REPO_HOME / "dagster.yaml").is_file():
             shutil.copy(REPO_HOME / "dagster.yaml", home / "dagster.yaml")
@@ -58,7 +66,7 @@ def _setup(args):
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our log lines report progress
     config = load_config(args.config)
     if args.lake:
-        config = dataclasses.replace(config, lake_root=str(Path(args.lake).resolve()))
+        config = dataclasses.replace(config, lake_root=str(lake_path(args.lake)))
     args.lake = config.lake_root  # where this command's logs go
     return config, build_definitions(config), _instance(config.lake_root)
 
@@ -90,10 +98,10 @@ def _bring_up_to_date(config, defs, instance) -> tuple:
     if config.is_demo:
         runner.execute(defs, instance, {dg.AssetKey("default_world"): {None}})
     runner.observe_inputs(defs, instance)
-    cursor_path = Path(config.lake_root) / ".automation_cursor"
+    cursor_path = LakeLayout(config.lake_root).root / ".automation_cursor"
     cursor = runner.load_cursor(cursor_path)
     # a new or emptied lake holds nothing, whatever an older run history says
-    lake_empty = not (Path(config.lake_root) / "shards").is_dir()
+    lake_empty = not LakeLayout(config.lake_root).shards_dir.is_dir()
     refreshed = runner.RunLog()
     if not lake_empty and cursor is not None:
         refreshed, cursor = runner.refresh(defs, instance, cursor)

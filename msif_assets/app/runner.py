@@ -8,10 +8,12 @@ Dagster run per shard, so every run shows up in the UI (``dagster dev``) like a 
 
 import logging
 import os
+import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import dagster as dg
 from dagster._core.definitions.observe import observe
@@ -91,13 +93,27 @@ def all_requests(defs: dg.Definitions, instance: dg.DagsterInstance, keys: list[
 
 
 def execute(defs: dg.Definitions, instance: dg.DagsterInstance, requests: Requests, run_log: RunLog | None = None) -> RunLog:
-    """Materialize ``requests`` in dependency order."""
+    """Materialize ``requests`` in dependency order, one run at a time."""
     run_log = run_log or RunLog()
-    graph = _graph(defs)
     assets = list(defs.assets or []) + list(defs.asset_checks or [])
+    started = time.perf_counter()
+    for runs in levels(_graph(defs), requests):
+        for keys, partition in runs:
+            _run(assets, defs, instance, keys, partition, run_log)
+    run_log.seconds += time.perf_counter() - started
+    return run_log
+
+
+Level = list[tuple[list[dg.AssetKey], "str | None"]]
+
+
+def levels(graph, requests: Requests) -> Iterator[Level]:
+    """The requested assets in dependency order, as levels of runs ``(keys, partition)``: every
+    ready unpartitioned asset in one run; then every ready partitioned asset together, one run
+    per partition. The runs of one level depend on none of each other (cluster.py runs them side
+    by side); a level is yielded once everything it needs was yielded before it."""
     remaining = {k for k, parts in requests.items() if parts}
     done: set[dg.AssetKey] = set()
-    started = time.perf_counter()
 
     def deps_done(key, batch=frozenset()):
         return all(p in done or p in batch or p not in remaining for p in graph.get(key).parent_keys)
@@ -105,7 +121,7 @@ def execute(defs: dg.Definitions, instance: dg.DagsterInstance, requests: Reques
     while remaining:
         unpartitioned = sorted((k for k in remaining if graph.get(k).partitions_def is None and deps_done(k)), key=str)
         if unpartitioned:
-            _run(assets, defs, instance, unpartitioned, None, run_log)
+            yield [(unpartitioned, None)]
             done |= set(unpartitioned)
             remaining -= set(unpartitioned)
             continue
@@ -123,12 +139,9 @@ def execute(defs: dg.Definitions, instance: dg.DagsterInstance, requests: Reques
         for key in batch:
             for partition in requests[key]:
                 by_partition[partition].append(key)
-        for partition in sorted(by_partition):
-            _run(assets, defs, instance, sorted(by_partition[partition], key=str), partition, run_log)
+        yield [(sorted(by_partition[p], key=str), p) for p in sorted(by_partition)]
         done |= batch
         remaining -= batch
-    run_log.seconds += time.perf_counter() - started
-    return run_log
 
 
 def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
@@ -136,7 +149,7 @@ def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
     log.info("materializing %s%s", label, f" [{partition}]" if partition else "")
     result = dg.materialize(
         assets, selection=dg.AssetSelection.assets(*keys), partition_key=partition, instance=instance, resources=defs.resources,
-        tags={"msif/runner": "cli", "msif/pid": str(os.getpid())}, run_config=_quiet_console(), raise_on_error=False,
+        tags={"msif/runner": "cli", "msif/pid": str(os.getpid()), "msif/host": socket.gethostname()}, run_config=_quiet_console(), raise_on_error=False,
     )
     run_log.runs += 1
     done = {e.asset_key for e in result.get_asset_materialization_events()}

@@ -179,12 +179,15 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def cmd_validate(args) -> int:
     from ..defs.counterfactual import counterfactual_args
     from ..lake.catalog import Catalog
+    from ..lake.storage import lake_path, require_local
     from . import lineage
     from .lake_lock import fail_orphaned_runs, lake_lock
     from .render import render
 
     started = time.perf_counter()
     config, defs, instance = lineage._setup(args)
+    # retrained models are saved and loaded as local directories (pipeline/retrain.py)
+    require_local(lake_path(config.lake_root), "msif validate (the counterfactual retrains)")
     cf_args = counterfactual_args(config, _overrides(args.set))
     with lake_lock(config.lake_root, wait=not args.no_wait):
         fail_orphaned_runs(instance)

@@ -19,6 +19,8 @@ from typing import Iterable
 import dagster as dg
 import pyarrow as pa
 
+from ..lake.storage import as_lake_path
+
 HEAVY_POOL = "msif_heavy"  # factors, gradients and scores share one device
 
 
@@ -46,7 +48,7 @@ def table_version(table: pa.Table, ignore: Iterable[str] = ()) -> dg.DataVersion
 
 def files_version(paths: Iterable[Path]) -> dg.DataVersion:
     digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
+    for path in sorted((as_lake_path(p) for p in paths), key=str):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return dg.DataVersion(digest.hexdigest()[:24])

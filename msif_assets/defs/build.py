@@ -18,6 +18,7 @@ from .queries import candidates, queries, query_gradients
 from ..pipeline.settings import ComputeSettings
 from .resources import ComputeResource, InputsResource, LakeResource
 from .evaluation import EVAL_ASSETS, ekfac_fidelity
+from .executors import configured_executor
 from .jobs import build_refresh_all_job
 from .progress import install_progress_labels
 from .scores import influence_scores
@@ -48,6 +49,9 @@ SETTINGS_READ: dict[str, tuple[str, ...]] = {
     "influence_share": ("scope", "trust_remote_code"),
 }
 CODE_REVISION = "1"  # bump when an asset's computation changes meaning
+# Per-asset revisions on top of CODE_REVISION: query_gradients 2 = its blocks are published by a
+# marker (pipeline/query_store.py), so lakes written before are rewritten once, not read unmarked.
+ASSET_REVISIONS: dict[str, str] = {"query_gradients": "2"}
 
 
 def _with_config_versions(asset_def: dg.AssetsDefinition, settings: ComputeSettings, columns: CorpusColumns) -> dg.AssetsDefinition:
@@ -58,7 +62,8 @@ def _with_config_versions(asset_def: dg.AssetsDefinition, settings: ComputeSetti
     def version(spec: dg.AssetSpec) -> dg.AssetSpec:
         read = SETTINGS_READ.get(spec.key.to_user_string(), ())
         payload = json.dumps({k: fields[k] for k in read if k in fields or k not in COLUMN_FIELDS}, sort_keys=True)
-        return spec.replace_attributes(code_version=f"{CODE_REVISION}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}")
+        revision = ASSET_REVISIONS.get(spec.key.to_user_string(), CODE_REVISION)
+        return spec.replace_attributes(code_version=f"{revision}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}")
 
     return asset_def.map_asset_specs(version)
 
@@ -82,9 +87,10 @@ def build_resources(config: MsifConfig) -> dict:
     }
 
 
-def build_definitions(config: MsifConfig, counterfactual=None) -> dg.Definitions:
+def build_definitions(config: MsifConfig, counterfactual=None, executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
     """``counterfactual`` (CounterfactualArgs): add the counterfactual evaluation's assets (``msif
-    validate``); never part of the default definitions, so ``msif demo``/``materialize`` skip them."""
+    validate``); never part of the default definitions, so ``msif demo``/``materialize`` skip them.
+    ``executor``: the jobs' executor; default: the one ``$MSIF_EXECUTOR`` names (executors.py), else Dagster's."""
     install_progress_labels()  # progress lines name their asset and partition
     resources = build_resources(config)
     versioned = [*LINEAGE, *(a for a in EVAL_ASSETS if a is not ekfac_fidelity)]  # fidelity versions its own config
@@ -107,4 +113,5 @@ def build_definitions(config: MsifConfig, counterfactual=None) -> dg.Definitions
     return dg.Definitions(
         assets=[*observed, *assets], asset_checks=checks, sensors=SENSORS, schedules=SCHEDULES,
         jobs=[observe_inputs_job, build_refresh_all_job(config)], resources=resources,
+        executor=executor if executor is not None else configured_executor(),
     )

@@ -21,6 +21,7 @@ from ..pipeline.corpus import (
     InboxScan, chunk_shard, embed_shard, files_digest, files_stat, inbox_versions, ingest_shard, scan_inbox,
 )
 from .automation import files_version, refresh_on_change, table_version
+from .executors import HEAVY_OP_TAGS
 from .inputs import pretrained_tokenizer
 from .resources import ComputeResource, InputsResource, LakeResource
 
@@ -116,7 +117,8 @@ def doc_chunks(context: dg.AssetExecutionContext, lake: LakeResource, inputs: In
     )
 
 
-@dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[doc_chunks], automation_condition=refresh_on_change(), kinds={"lancedb"})
+@dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[doc_chunks], automation_condition=refresh_on_change(), kinds={"lancedb"},
+          op_tags=HEAVY_OP_TAGS)
 def doc_embeddings(context: dg.AssetExecutionContext, lake: LakeResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Sentence-transformer embeddings of every chunk, replaced per shard in LanceDB."""
     settings = compute.settings

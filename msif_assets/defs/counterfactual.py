@@ -29,6 +29,7 @@ from ..pipeline.settings import ComputeSettings
 from .automation import table_version, text_version
 from .corpus import corpus_shards
 from .queries import queries
+from ..lake.storage import as_lake_path
 from .resources import ComputeResource, InputsResource, LakeResource
 from .scores import influence_scores
 
@@ -161,4 +162,4 @@ def build_counterfactual_assets(config: MsifConfig, settings: ComputeSettings,
 def _png(path: Path) -> str:
     import base64
 
-    return f"![counterfactual](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+    return f"![counterfactual](data:image/png;base64,{base64.b64encode(as_lake_path(path).read_bytes()).decode()})"

@@ -12,6 +12,7 @@ import torch
 from ..pipeline import factors as pf
 from .automation import HEAVY_POOL, refresh_on_change, safetensors_version
 from .corpus import SHARDS, doc_chunks
+from .executors import HEAVY_OP_TAGS
 from .inputs import finetune_data, finetuned_model, pretrained_model
 from .resources import ComputeResource, InputsResource, LakeResource
 
@@ -32,7 +33,7 @@ def _factor_set(context: dg.AssetExecutionContext, compute: ComputeResource) -> 
     return chosen
 
 
-@dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[doc_chunks, pretrained_model], pool=HEAVY_POOL,
+@dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[doc_chunks, pretrained_model], pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS,
           automation_condition=refresh_on_change(), kinds=KINDS)
 def pt_covariance(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Σ a aᵀ, Σ s sᵀ and token counts of one shard's chunks under θ_pt (sampled labels)."""
@@ -44,7 +45,7 @@ def pt_covariance(context: dg.AssetExecutionContext, lake: LakeResource, inputs:
                                 data_version=safetensors_version(fit.path))
 
 
-@dg.asset(group_name=GROUP, deps=[pt_covariance], pool=HEAVY_POOL, automation_condition=refresh_on_change(), kinds={"safetensors"})
+@dg.asset(group_name=GROUP, deps=[pt_covariance], pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS, automation_condition=refresh_on_change(), kinds={"safetensors"})
 def pt_eigenbasis(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Merged covariances → float64 eigendecompositions (per head block for q/k/v when split)."""
     shards = _factor_set(context, compute)
@@ -53,7 +54,7 @@ def pt_eigenbasis(context: dg.AssetExecutionContext, lake: LakeResource, inputs:
                                 data_version=safetensors_version(path))
 
 
-@dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[pt_eigenbasis, doc_chunks], pool=HEAVY_POOL,
+@dg.asset(partitions_def=SHARDS, group_name=GROUP, deps=[pt_eigenbasis, doc_chunks], pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS,
           automation_condition=refresh_on_change(), kinds=KINDS)
 def pt_lambda(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """Σ (Q_Sᵀ DW Q_A)^∘2 over one shard's chunks: the corrected eigenvalues' sums."""
@@ -63,14 +64,14 @@ def pt_lambda(context: dg.AssetExecutionContext, lake: LakeResource, inputs: Inp
     return dg.MaterializeResult(metadata={"in_factor_set": True, "sequences": fit.sequences}, data_version=safetensors_version(fit.path))
 
 
-@dg.asset(group_name=GROUP, deps=[pt_lambda, pt_eigenbasis], pool=HEAVY_POOL, automation_condition=refresh_on_change(), kinds={"safetensors"})
+@dg.asset(group_name=GROUP, deps=[pt_lambda, pt_eigenbasis], pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS, automation_condition=refresh_on_change(), kinds={"safetensors"})
 def pt_factors(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """EK-FAC factors of θ_pt on the corpus: eigenbasis + mean corrected eigenvalues + metadata."""
     path, factors = pf.assemble_pretrained_factors(lake.layout(), inputs.model_ids, _factor_set(context, compute), compute.settings)
     return dg.MaterializeResult(metadata=_factor_metadata(factors), data_version=safetensors_version(path))
 
 
-@dg.asset(group_name=GROUP, deps=[finetuned_model, finetune_data], pool=HEAVY_POOL, automation_condition=refresh_on_change(), kinds=KINDS)
+@dg.asset(group_name=GROUP, deps=[finetuned_model, finetune_data], pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS, automation_condition=refresh_on_change(), kinds=KINDS)
 def ft_factors(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """EK-FAC factors of θ_ft on its own fine-tuning data sample."""
     path, factors = pf.fit_finetuned_step(lake.layout(), inputs.path("pretrained_model"), inputs.path("finetuned_model"),

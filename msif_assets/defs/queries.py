@@ -11,6 +11,7 @@ from ..pipeline.models import load_finetuned, load_pair
 from ..pipeline.queries import load_queries, select_candidates, write_query_gradients
 from .automation import HEAVY_POOL, refresh_on_change, safetensors_version, table_version
 from .corpus import SHARDS, doc_chunks, doc_embeddings
+from .executors import HEAVY_OP_TAGS
 from .factors import ft_factors, pt_factors
 from .inputs import finetuned_model, queries_file
 from .resources import ComputeResource, InputsResource, LakeResource
@@ -33,7 +34,7 @@ def queries(context: dg.AssetExecutionContext, lake: LakeResource, inputs: Input
     )
 
 
-@dg.asset(group_name=GROUP, deps=[queries, pt_factors, ft_factors], pool=HEAVY_POOL,
+@dg.asset(group_name=GROUP, deps=[queries, pt_factors, ft_factors], pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS,
           automation_condition=refresh_on_change(), kinds={"pytorch", "safetensors"})
 def query_gradients(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:
     """∇f(q; θ_ft) preconditioned per method and damping: P_pt P_ft ∇f (MS-IF), P_ft ∇f (SS-IF), ∇f (GDP)."""

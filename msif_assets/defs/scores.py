@@ -9,13 +9,14 @@ from ..pipeline.scoring import score_shard
 from ..pipeline.settings import ALL_METHODS, ScoreKey
 from .automation import HEAVY_POOL, refresh_on_change, table_version
 from .corpus import SHARDS, doc_chunks
+from .executors import HEAVY_OP_TAGS
 from .queries import candidates, queries, query_gradients
 from .resources import ComputeResource, InputsResource, LakeResource
 
 GROUP = "influence"
 
 
-@dg.asset(partitions_def=SHARDS, group_name=GROUP, pool=HEAVY_POOL,
+@dg.asset(partitions_def=SHARDS, group_name=GROUP, pool=HEAVY_POOL, op_tags=HEAVY_OP_TAGS,
           deps=[query_gradients, candidates, doc_chunks, queries],
           automation_condition=refresh_on_change(), kinds={"pytorch", "parquet"})
 def influence_scores(context: dg.AssetExecutionContext, lake: LakeResource, inputs: InputsResource, compute: ComputeResource) -> dg.MaterializeResult:

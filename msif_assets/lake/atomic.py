@@ -10,6 +10,11 @@ path always exists; elsewhere the old directory is renamed aside first and the n
 one renamed in (a reader may briefly find the partition missing, never half-written).
 If the fill callback (or the body of an ``atomic_directory`` block) raises, the staging
 directory is removed and the old target is untouched. Re-running replaces; it never appends.
+
+On an object store (a lake root such as ``s3://bucket/prefix``) there is no rename: each file is
+written to local scratch and published by one upload to its final key, which the store makes
+visible whole or not at all; a directory is published file by file, each file atomic, and stale
+files are deleted after (``lake/storage.py`` says which results rely on what).
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import ctypes.util
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from .storage import LakePath, as_lake_path, is_remote, publish_file, scratch_dir
 
 __all__ = [
     "atomic_directory",
@@ -35,7 +43,9 @@ __all__ = [
 ]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: LakePath) -> None:
+    if is_remote(path):
+        return  # nothing to sync: an upload is durable once it returns
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms/filesystems cannot open directories
@@ -55,8 +65,19 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+def _temp_sibling(path: LakePath) -> Path:
+    """Where ``path`` is written before it is published: beside it locally (same filesystem, so
+    ``os.replace`` is atomic), in local scratch for an object store (then uploaded)."""
+    name = f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    return scratch_dir() / name if is_remote(path) else path.with_name(name)
+
+
+def _publish(tmp: Path, target: LakePath) -> None:
+    """Move the finished ``tmp`` onto ``target``: a rename locally, one upload to an object store."""
+    if is_remote(target):
+        publish_file(tmp, target)
+        return
+    os.replace(tmp, target)
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
@@ -66,8 +87,9 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
     ``pq.write_table``, ``safetensors.torch.save_file``...). On any exception the
     temporary file is deleted and the previous ``path`` (if any) is left untouched.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = as_lake_path(path)
+    if not is_remote(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(target)
     try:
         writer(tmp)
@@ -75,7 +97,7 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -
             raise RuntimeError(f"atomic_write: writer did not create {tmp} for {target}")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        _publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -160,7 +182,11 @@ def atomic_directory(
     ``target``; the staging entries are hidden (``.<name>.<token>.new``). If the block
     raises, the staging directory is removed and nothing at ``target`` changes.
     """
-    target_path = Path(target)
+    target_path = as_lake_path(target)
+    if is_remote(target_path):
+        with _remote_directory(target_path) as staged:
+            yield staged
+        return
     staging = target_path.parent if staging_dir is None else Path(staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
     target_path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +204,22 @@ def atomic_directory(
     _fsync_dir(target_path.parent)
 
 
+@contextmanager
+def _remote_directory(target: LakePath) -> Iterator[Path]:
+    staged = Path(tempfile.mkdtemp(dir=scratch_dir(), suffix=".new"))
+    try:
+        yield staged
+        fresh = {f.relative_to(staged).as_posix() for f in staged.rglob("*") if f.is_file()}
+        for rel in sorted(fresh):
+            publish_file(staged / rel, target / rel)
+        if target.exists():
+            for old in target.rglob("*"):
+                if old.is_file() and old.relative_to(target).as_posix() not in fresh:
+                    old.unlink()
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
 def replace_directory(
     target: str | os.PathLike[str],
     fill: Callable[[Path], None],
@@ -191,4 +233,4 @@ def replace_directory(
     """
     with atomic_directory(target, staging_dir) as staged:
         fill(staged)
-    return Path(target)
+    return as_lake_path(target)

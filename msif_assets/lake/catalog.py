@@ -36,6 +36,7 @@ import duckdb
 import pyarrow as pa
 
 from msif_assets.lake.layout import LakeLayout
+from msif_assets.lake.storage import LakePath, is_remote, register_with_duckdb
 from msif_assets.lake.tables import (
     FACT_TRACING_FULL, FACT_TRACING_POOLS, FACT_TRACING_RERANK, INFLUENCE_SHARE, PARAM_PROXIMITY,
     CANDIDATES, CHUNKS, DOCUMENTS, EVAL_FIDELITY, EVAL_SUMMARY, QUERIES, REJECTS,
@@ -103,8 +104,8 @@ def _empty_view_sql(name: str, schema: pa.Schema) -> str:
     return f"CREATE OR REPLACE VIEW {name} AS SELECT {cols} WHERE false"
 
 
-def _sql_literal_path(path: Path) -> str:
-    return path.as_posix().replace("'", "''")
+def _sql_literal_path(path: LakePath) -> str:
+    return (str(path) if is_remote(path) else path.as_posix()).replace("'", "''")
 
 
 def _resolve_timeout(timeout_s: float | None) -> float:
@@ -178,11 +179,11 @@ class _Deadline:
 class Catalog:
     """An in-memory DuckDB with the lake's views; use ``Catalog.open``."""
 
-    lake_root: Path
+    lake_root: LakePath
     connection: Any
     views: list[str] = field(default_factory=list)
     empty_views: list[str] = field(default_factory=list)
-    readable_dirs: list[Path] = field(default_factory=list)
+    readable_dirs: list[LakePath] = field(default_factory=list)
     timeout_s: float = DEFAULT_TIMEOUT_S
     memory_limit: str = DEFAULT_MEMORY_LIMIT
 
@@ -200,6 +201,7 @@ class Catalog:
         if not files:
             raise CatalogError(f"no *.sql files in {sql_path}; set {ENV_SQL_DIR} to the catalog folder")
         con = duckdb.connect(":memory:")
+        register_with_duckdb(con, layout.root)  # an object-store lake is read through its fsspec filesystem
         catalog = cls(lake_root=layout.root, connection=con, timeout_s=timeout, memory_limit=memory)
         try:
             try:

@@ -14,8 +14,8 @@ raw little-endian bytes back to back (offsets relative to the end of the header)
 * :class:`StreamingTensorWriter` writes a file whose tensors are produced one at a time (a
   factor file of a 410M-parameter model is ~10 GB: memory holds one module's tensors, never a
   bytes copy of the file); :func:`save_tensors` is built on it.
-* :class:`TensorFile` reads lazily: a ``Mapping[str, Tensor]`` that reads a tensor from disk on
-  each lookup (no cache), plus ``view(suffix)`` for the per-module ``<module>::<suffix>`` names.
+* :class:`TensorFile` (``lake/tensor_file.py``) reads lazily: a ``Mapping[str, Tensor]`` that reads
+  a tensor on each lookup (no cache), plus ``view(suffix)`` for the per-module ``<module>::<suffix>`` names.
 
 Files are written atomically (temp file in the same directory + fsync + rename, as
 :func:`msif_assets.lake.atomic.atomic_write`): readers see the old file or the new one.
@@ -28,14 +28,13 @@ import math
 import os
 import struct
 import sys
-import threading
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import IO, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
-from safetensors import safe_open
 
-from msif_assets.lake.atomic import _fsync_dir, _temp_sibling
+from msif_assets.lake.atomic import _fsync_dir, _publish, _temp_sibling
+from msif_assets.lake.storage import as_lake_path, is_remote
 
 __all__ = [
     "save_tensors", "load_tensors", "read_metadata", "MissingArtifactError", "StreamingTensorWriter", "TensorFile",
@@ -124,7 +123,7 @@ class StreamingTensorWriter:
         plan: Iterable[tuple[str, torch.dtype, Sequence[int]]],
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = as_lake_path(path)
         self.plan: list[PlannedTensor] = []
         seen: set[str] = set()
         for name, dtype, shape in plan:
@@ -149,7 +148,8 @@ class StreamingTensorWriter:
     def __enter__(self) -> "StreamingTensorWriter":
         if self._fh is not None or self._written:
             raise RuntimeError(f"StreamingTensorWriter({self.path}) can be entered once")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not is_remote(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _temp_sibling(self.path)
         self._fh = open(self._tmp, "wb")
         try:
@@ -209,7 +209,7 @@ class StreamingTensorWriter:
             os.fsync(fh.fileno())
             fh.close()
             self._fh = None
-            os.replace(tmp, self.path)
+            _publish(tmp, self.path)
         except BaseException:
             self._discard()
             raise
@@ -236,182 +236,8 @@ def save_tensors(
     with StreamingTensorWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in items], meta) as out:
         for name, tensor in items:
             out.write(name, tensor)
-    return Path(path)
+    return as_lake_path(path)
 
 
-class _Entry(NamedTuple):
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute file offset
-    nbytes: int
-
-
-def _read_exact(fh: IO[bytes], offset: int, n: int) -> bytes:
-    fh.seek(offset)
-    data = b""
-    while len(data) < n:
-        chunk = fh.read(n - len(data))
-        if not chunk:
-            raise ValueError(f"unexpected end of file at byte {offset + len(data)}")
-        data += chunk
-    return data
-
-
-def _parse_header(fh: IO[bytes], path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{path} is not a valid safetensors file: {why}")
-
-    size = os.fstat(fh.fileno()).st_size
-    if size < 8:
-        raise bad("shorter than its 8-byte header length")
-    (length,) = struct.unpack("<Q", _read_exact(fh, 0, 8))
-    if length > min(_MAX_HEADER, size - 8):
-        raise bad(f"header length {length} exceeds the file ({size} bytes)")
-    try:
-        header = json.loads(_read_exact(fh, 8, length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(f"header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise bad("__metadata__ must map str to str")
-    start, entries = 8 + length, {}
-    for name, info in header.items():
-        try:
-            dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {name!r} is malformed: {info!r}") from None
-        if any(d < 0 for d in shape) or end - begin != _nbytes(dtype, shape):
-            raise bad(f"entry {name!r}: offsets {begin}..{end} do not hold {info['dtype']} {list(shape)}")
-        entries[name] = _Entry(dtype, shape, start + begin, end - begin)
-    position = start
-    for name, entry in sorted(entries.items(), key=lambda item: item[1].begin):
-        if entry.begin != position:
-            raise bad(f"tensor {name!r} does not start where the previous one ends")
-        position += entry.nbytes
-    if position != size:
-        raise bad(f"the tensors cover {position - start} data bytes, the file holds {size - start}")
-    return dict(sorted(entries.items(), key=lambda item: item[1].begin)), metadata
-
-
-class TensorFile(Mapping[str, torch.Tensor]):
-    """A read-only, lazy ``Mapping[str, Tensor]`` over a safetensors file.
-
-    Only the header is read on construction; ``tf[name]`` reads that tensor from disk into a
-    fresh tensor every time (no cache: the caller decides what stays in memory). The file is
-    held open, so a file atomically replaced after construction is still read consistently
-    (the old content). Keys are in file order. ``metadata`` is the header's ``str -> str`` map.
-    Missing file: :class:`MissingArtifactError`; a malformed one: ValueError.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise MissingArtifactError(f"no safetensors file at {self.path}")
-        self.device = torch.device(device)
-        self._fh: IO[bytes] = open(self.path, "rb", buffering=0)
-        self._lock = threading.Lock()
-        try:
-            self._entries, self.metadata = _parse_header(self._fh, self.path)
-        except BaseException:
-            self._fh.close()
-            raise
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        entry = self._entries[name]
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-        buffer, done = _raw_bytes(out), 0
-        with self._lock:
-            self._fh.seek(entry.begin)
-            while done < entry.nbytes:
-                got = self._fh.readinto(buffer[done:])
-                if not got:
-                    raise ValueError(f"{self.path} is truncated: {name!r} ends past the end of the file")
-                done += got
-        return out if self.device.type == "cpu" else out.to(self.device)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The stored shape of ``name`` (from the header; nothing is read)."""
-        return self._entries[name].shape
-
-    def view(self, suffix: str) -> Mapping[str, torch.Tensor]:
-        """``{prefix: tensor}`` over the names ``<prefix>::<suffix>``, read lazily like the file,
-        e.g. ``TensorFile(p).view("q_a")["gpt_neox.layers.0.mlp.dense_4h_to_h"]``."""
-        return _SuffixView(self, suffix)
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> "TensorFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"TensorFile({str(self.path)!r}, {len(self)} tensors)"
-
-
-class _SuffixView(Mapping[str, torch.Tensor]):
-    def __init__(self, source: TensorFile, suffix: str) -> None:
-        tail = f"::{suffix}"
-        self._source = source
-        self._names = {key[: -len(tail)]: key for key in source if key.endswith(tail)}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._source[self._names[name]]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def load_tensors(
-    path: str | os.PathLike[str], device: str = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read all tensors and the metadata header of a safetensors file (the whole file in
-    memory: prefer :class:`TensorFile` for factor files)."""
-    p = Path(path)
-    if not p.is_file():
-        raise MissingArtifactError(f"no safetensors file at {p}")
-    with safe_open(str(p), framework="pt", device=device) as fh:
-        metadata = dict(fh.metadata() or {})
-        tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-    return tensors, metadata
-
-
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read only the metadata header (cheap: tensors are not loaded)."""
-    p = Path(path)
-    if not p.is_file():
-        raise MissingArtifactError(f"no safetensors file at {p}")
-    with safe_open(str(p), framework="pt") as fh:
-        return dict(fh.metadata() or {})
-
-
-def update_content_digest(digest: Any, path: str | os.PathLike[str]) -> None:
-    """Feed a file's content (metadata as sorted JSON, then each tensor's name and bytes in
-    name order) into ``digest`` (a ``hashlib`` object), one tensor in memory at a time.
-    Independent of the file's tensor order; the same bytes ``defs.automation.safetensors_version``
-    hashes after loading the whole file."""
-    with TensorFile(path) as tf:
-        digest.update(json.dumps(tf.metadata, sort_keys=True).encode())
-        for name in sorted(tf):
-            digest.update(name.encode())
-            digest.update(_raw_bytes(tf[name]))
+# The reading half lives in lake/tensor_file.py; these names stay importable from here.
+from msif_assets.lake.tensor_file import TensorFile, load_tensors, read_metadata, update_content_digest  # noqa: E402

@@ -9,6 +9,7 @@
   factors/<pt|ft>/<model_hash>/stats/shard=<shard>.safetensors   per-shard raw sums
   queries/queries.parquet
   query_gradients/pt=<hash>/ft=<hash>/method=<m>/damping=<tag>/block=<i>.safetensors   one query block
+  query_gradients/pt=<hash>/ft=<hash>/method=<m>/damping=<tag>/blocks.json  marker: the published blocks
   candidates/shard=<shard>/part.parquet               candidate chunks per query (hive)
   scores/model=<ft_hash>/shard=<shard>/part.parquet   influence scores (hive)
   rejects/source=<name>/part.parquet                  rejected input rows (hive)
@@ -17,6 +18,9 @@
   counterfactual/runs/<asset>/<partition>.json        which cached model a retrain partition holds
   .staging/                                           temp dirs for atomic swaps
 ```
+
+The root is a local directory or an object-store URI (``s3://bucket/prefix``; see
+``lake/storage.py``): paths are then ``UPath`` objects with the same API.
 
 Every variable path component (shard, model hash, method, damping tag, source, eval
 name) is a *partition key*: ``[A-Za-z0-9._-]+``, at most 200 characters, not starting
@@ -31,6 +35,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from .storage import LakePath, lake_path, normalized_inside
 
 __all__ = ["LakeLayout", "PartitionKeyError", "validate_key", "Stage"]
 
@@ -62,19 +68,23 @@ def validate_key(value: object, what: str = "partition key") -> str:
 
 @dataclass(frozen=True)
 class LakeLayout:
-    """Paths of every table and file under one lake root (an absolute local path)."""
+    """Paths of every table and file under one lake root (an absolute local path, or a UPath
+    on an object store)."""
 
-    root: Path
+    root: LakePath
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        object.__setattr__(self, "root", Path(root).expanduser().resolve())
+        object.__setattr__(self, "root", lake_path(root))
 
-    def _inside(self, *parts: str) -> Path:
+    @property
+    def is_remote(self) -> bool:
+        return not isinstance(self.root, Path)
+
+    def _inside(self, *parts: str) -> LakePath:
         path = self.root.joinpath(*parts)
-        normalized = Path(os.path.normpath(path))
-        if normalized != self.root and self.root not in normalized.parents:
+        if not normalized_inside(self.root, path):
             raise PartitionKeyError(f"path {path} escapes the lake root {self.root}")
-        return normalized
+        return path if self.is_remote else Path(os.path.normpath(path))
 
     # -- infrastructure -------------------------------------------------------
     @property
@@ -134,6 +144,10 @@ class LakeLayout:
         if not isinstance(block, int) or block < 0:
             raise PartitionKeyError(f"query block must be an integer >= 0, got {block!r}")
         return self.query_gradients_dir(pt_model, ft_model, method, damping) / f"block={block:05d}.safetensors"
+
+    def query_gradients_manifest(self, pt_model: str, ft_model: str, method: str, damping: str) -> LakePath:
+        """The marker that publishes one score key's blocks (``pipeline/query_store.py``)."""
+        return self.query_gradients_dir(pt_model, ft_model, method, damping) / "blocks.json"
 
     @property
     def candidates_dir(self) -> Path:

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from msif_assets.lake.atomic import atomic_write, replace_directory
 from msif_assets.lake.layout import LakeLayout, validate_key
+from msif_assets.lake.storage import LakePath, as_lake_path, parquet_location
 
 __all__ = [
     "TableSchemaError", "TableSpec", "CANDIDATE_SOURCES",
@@ -237,7 +238,7 @@ def conform(table: pa.Table, spec: TableSpec, *, fill_missing_nullable: bool = F
     return out
 
 
-def _write_parquet_atomic(path: Path, table: pa.Table) -> Path:
+def _write_parquet_atomic(path: LakePath, table: pa.Table) -> Path:
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
@@ -260,10 +261,11 @@ def _write_partition(layout: LakeLayout, part_dir: Path, table: pa.Table, spec: 
     return part_dir / "part.parquet"
 
 
-def _read_file(path: Path, spec: TableSpec, partition: Mapping[str, str] | None = None) -> pa.Table:
+def _read_file(path: LakePath, spec: TableSpec, partition: Mapping[str, str] | None = None) -> pa.Table:
     if not path.is_file():
         raise FileNotFoundError(f"{spec.name}: no table at {path} (has it been materialized?)")
-    table = pq.read_table(path)
+    source, filesystem = parquet_location(path)
+    table = pq.read_table(source, filesystem=filesystem)
     for col, value in (partition or {}).items():
         if col not in table.column_names:
             table = table.append_column(col, pa.array([value] * table.num_rows, pa.string()))
@@ -348,10 +350,13 @@ def read_eval(layout: LakeLayout, name: str) -> pa.Table:
     return _read_file(layout.eval_file(name), EVAL_TABLES[name])
 
 
-def list_partitions(table_dir: Path) -> list[dict[str, str]]:
+def list_partitions(table_dir: LakePath) -> list[dict[str, str]]:
     """Hive partitions (``k=v`` directory chains) under ``table_dir`` that hold part.parquet."""
     out = []
-    for part in sorted(Path(table_dir).glob("**/part.parquet")):
+    table_dir = as_lake_path(table_dir)
+    if not table_dir.is_dir():
+        return out
+    for part in sorted(table_dir.glob("**/part.parquet"), key=str):
         rel = part.parent.relative_to(table_dir).parts
         if rel and all("=" in p and not p.startswith(".") for p in rel):
             out.append(dict(p.split("=", 1) for p in rel))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Sequence
 
 import lancedb
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from msif_assets.lake.layout import validate_key
+from msif_assets.lake.storage import as_lake_path, lancedb_storage_options
 
 __all__ = ["ChunkVectorStore", "VectorStoreError", "with_vectors", "KNN_SCHEMA", "FTS_SCHEMA"]
 
@@ -69,8 +69,9 @@ class ChunkVectorStore:
     """LanceDB-backed store of chunk vectors under ``path`` (a directory)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
+        self.path = as_lake_path(path)
+        self._db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0),
+                                   storage_options=lancedb_storage_options(self.path))
 
     def _table(self) -> Any | None:
         response = self._db.list_tables()

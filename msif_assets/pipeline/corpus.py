@@ -30,6 +30,7 @@ from ..engine.chunking import chunk_documents
 from ..lake import tables
 from ..lake.embeddings import encode_texts
 from ..lake.atomic import atomic_write
+from ..lake.storage import LakePath, parquet_location
 from ..lake.hf_corpus import dataset_dir_problem, is_dataset_dir, shard_files
 from ..lake.inputs import (
     CORPUS_SUFFIXES, CorpusColumns, InputError, corpus_reject_source, read_corpus_shard, reject_cross_shard_duplicates,
@@ -160,7 +161,7 @@ _DOC_IDS_SCHEMA = pa.schema([("doc_id", pa.string()), ("shard", pa.string()),
 _STAT_KEY = b"msif.inbox_stat"
 
 
-def _doc_ids_file(layout: LakeLayout, shard: str) -> Path:
+def _doc_ids_file(layout: LakeLayout, shard: str) -> LakePath:
     """Every in-shard-valid doc_id of a shard, before the cross-shard rule (later shards read it)."""
     return layout.shard_docs_file(shard).with_name("doc_ids.parquet")
 
@@ -181,8 +182,9 @@ def _valid_doc_ids(layout: LakeLayout, shard: str, files: list[Path], columns: C
     shard is misconfigured: its own step fails naming the problem, and fixing it re-versions this one)."""
     path = _doc_ids_file(layout, shard)
     try:
-        if path.is_file() and (pq.read_schema(path).metadata or {}).get(_STAT_KEY) == _read_key(files, columns).encode():
-            return pq.read_table(path, columns=_DOC_IDS_SCHEMA.names).cast(_DOC_IDS_SCHEMA)
+        source, filesystem = parquet_location(path)
+        if path.is_file() and (pq.read_schema(source, filesystem=filesystem).metadata or {}).get(_STAT_KEY) == _read_key(files, columns).encode():
+            return pq.read_table(source, filesystem=filesystem, columns=_DOC_IDS_SCHEMA.names).cast(_DOC_IDS_SCHEMA)
     except (OSError, pa.ArrowException):
         pass  # unreadable or racing a rewrite: read the files
     try:

@@ -45,6 +45,7 @@ from ..engine.metrics import rank_by_score, recall_at_k_any, recall_at_k_fractio
 from ..lake import tables
 from ..lake.atomic import atomic_write
 from ..lake.layout import LakeLayout
+from ..lake.storage import as_lake_path
 from .models import ModelIds
 from .queries import query_texts
 from .settings import ScoreKey
@@ -335,7 +336,7 @@ def plot_fact_tracing(summary: pa.Table, path: Path) -> Path:
 
 
 def png_markdown(path: Path) -> str:
-    return f"![fact tracing](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
+    return f"![fact tracing](data:image/png;base64,{base64.b64encode(as_lake_path(path).read_bytes()).decode()})"
 
 
 def load_doc_texts(layout: LakeLayout) -> dict[str, str]:

@@ -181,6 +181,8 @@ def write_query_gradients(layout: LakeLayout, ft: LoadedModel, specs, queries: p
     n_blocks = -(-len(examples) // size)
     paths: list[Path] = []
     started = time.perf_counter()
+    for key in settings.gradient_keys:
+        query_store.unpublish(layout, ids, key)
     for block, start in enumerate(range(0, len(examples), size)):
         vectors = block_vectors(ft, specs, examples[start : start + size], pt_factors, ft_factors, settings)
         for key in settings.gradient_keys:
@@ -189,7 +191,7 @@ def write_query_gradients(layout: LakeLayout, ft: LoadedModel, specs, queries: p
         log.info("query_gradients: block %d/%d (queries %d–%d of %d) written, %.1fs", block + 1, n_blocks, start + 1,
                  min(start + size, len(examples)), len(examples), time.perf_counter() - started)
     for key in settings.gradient_keys:
-        query_store.prune_blocks(layout, ids, key, n_blocks)
+        query_store.publish(layout, ids, key, n_blocks, len(examples))
     return paths
 
 

@@ -54,7 +54,7 @@ def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], exam
     parts: dict[ScoreKey, list[tuple]] = {k: [] for k in keys}
     seen: list[str] = []
     nonfinite: list[str] = []
-    for block in range(max(query_store.block_count(layout, pair.ids, keys[0]), 1)):  # none written: block 0 says so
+    for block in range(query_store.block_count(layout, pair.ids, keys[0])):
         block_ids = query_store.block_query_ids(layout, pair.ids, keys[0], block)
         vectors = {k: query_store.read_block(layout, pair.ids, k, block) for k in keys}
         nonfinite += [block_ids[j] for j in _nonfinite_rows(vectors)]
