@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..lake.layout import LakeLayout
-from ..lake.storage import is_remote, lake_path
+from ..lake.storage import is_remote, lake_path, require_bucket
 from .options import lake_option
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +68,7 @@ def _setup(args):
     if args.lake:
         config = dataclasses.replace(config, lake_root=str(lake_path(args.lake)))
     args.lake = config.lake_root  # where this command's logs go
+    require_bucket(lake_path(config.lake_root))
     return config, build_definitions(config), _instance(config.lake_root)
 
 

@@ -36,7 +36,7 @@ import duckdb
 import pyarrow as pa
 
 from msif_assets.lake.layout import LakeLayout
-from msif_assets.lake.storage import LakePath, is_remote, register_with_duckdb
+from msif_assets.lake.storage import LakePath, is_remote, register_with_duckdb, require_bucket
 from msif_assets.lake.tables import (
     FACT_TRACING_FULL, FACT_TRACING_POOLS, FACT_TRACING_RERANK, INFLUENCE_SHARE, PARAM_PROXIMITY,
     CANDIDATES, CHUNKS, DOCUMENTS, EVAL_FIDELITY, EVAL_SUMMARY, QUERIES, REJECTS,
@@ -200,6 +200,7 @@ class Catalog:
         files = sorted(sql_path.glob("*.sql"))
         if not files:
             raise CatalogError(f"no *.sql files in {sql_path}; set {ENV_SQL_DIR} to the catalog folder")
+        require_bucket(layout.root)
         con = duckdb.connect(":memory:")
         register_with_duckdb(con, layout.root)  # an object-store lake is read through its fsspec filesystem
         catalog = cls(lake_root=layout.root, connection=con, timeout_s=timeout, memory_limit=memory)

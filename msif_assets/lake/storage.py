@@ -37,7 +37,7 @@ from typing import IO, Any, Iterator, Union
 from upath import UPath
 
 __all__ = [
-    "LakePath", "LakeStorageError", "lake_path", "as_lake_path", "is_remote", "require_local",
+    "LakePath", "LakeStorageError", "lake_path", "as_lake_path", "is_remote", "require_bucket", "require_local",
     "parquet_location", "open_binary", "publish_file", "scratch_dir", "local_file",
     "lancedb_storage_options", "register_with_duckdb",
 ]
@@ -101,6 +101,21 @@ def is_remote(path: object) -> bool:
     if not isinstance(path, UPath):
         return False
     return not (set(path.fs.protocol if isinstance(path.fs.protocol, (tuple, list)) else [path.fs.protocol]) & _LOCAL_PROTOCOLS)
+
+
+def require_bucket(root: LakePath) -> None:
+    """A LakeStorageError, before any work, when an object-store root's bucket cannot be seen."""
+    if not is_remote(root) or not root.path.strip("/"):
+        return
+    bucket = root.path.strip("/").split("/")[0]
+    try:
+        found = root.fs.exists(bucket)
+    except (OSError, PermissionError, ValueError) as err:
+        raise LakeStorageError(f"lake root {root}: cannot reach the store ({err}); check the credentials and the endpoint "
+                               "in the environment (for S3: AWS_* variables, AWS_ENDPOINT_URL)") from None
+    if not found:
+        raise LakeStorageError(f"lake root {root}: the bucket {bucket!r} does not exist, or these credentials cannot see "
+                               "it; create it first (msif never creates buckets) or fix AWS_* / AWS_ENDPOINT_URL")
 
 
 def require_local(path: LakePath, what: str) -> Path:

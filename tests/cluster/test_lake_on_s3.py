@@ -59,6 +59,14 @@ def test_uris_are_validated_with_a_message_that_says_what_to_change():
             lake_path(bad)
 
 
+def test_a_missing_bucket_is_named_before_any_work(bucket_env, tmp_path):
+    from msif_assets.app.cli import main
+
+    with pytest.raises(LakeStorageError, match="bucket 'no-such-bucket' does not exist"):
+        Catalog.open("s3://no-such-bucket/lake")
+    assert main(["status", "--lake", "s3://no-such-bucket/lake"]) == 2
+
+
 def test_tables_are_replaced_whole_and_a_rerun_never_duplicates_rows(s3, bucket_env):
     layout = LakeLayout(f"s3://{bucket_env}/lake")
     tables.write_chunks(layout, "s0", _chunks("s0", 3))
