@@ -244,26 +244,12 @@ def _run(job, instance, keys, partition, tags):
 
 
 def _record(run_log, keys, partition, outcome: RunOutcome) -> None:
-    """What runner._run does with a run's result: log what materialized, defer a step that found
-    an upstream file missing, raise on any other failure."""
-    label = ", ".join(k.to_user_string() for k in keys)
-    run_log.runs += 1
-    materialized = {k for k in keys if k.to_user_string() in outcome.materialized}
-    run_log.executed += [(k.to_user_string(), partition) for k in keys if k in materialized]
-    for key in materialized:
-        run_log.deferred.get(key, set()).discard(partition)
-    if outcome.success:
-        return
-    errors = list(outcome.errors)
-    if any(cls == "DagsterExecutionInterruptedError" for cls, _ in errors):
-        raise KeyboardInterrupt
-    if errors and all(cls == "MissingArtifactError" for cls, _ in errors):
-        for key in set(keys) - materialized:
-            run_log.deferred.setdefault(key, set()).add(partition)
-        log.info("deferred %s%s until its upstream is refreshed", label, f" [{partition}]" if partition else "")
-        return
-    reason = "; ".join(f"{cls}: {message}" for cls, message in errors) or "see the run's event log"
-    raise RuntimeError(f"run {outcome.run_id} failed for {label}{f' [{partition}]' if partition else ''}: {reason}")
+    """What runner._run does with a run's result (runner.record_run)."""
+    from . import runner
+
+    done = {k for k in keys if k.to_user_string() in outcome.materialized}
+    errors = [] if outcome.success else (list(outcome.errors) or [("RunFailure", "see the run's event log")])
+    runner.record_run(run_log, keys, partition, outcome.run_id, done, errors)
 
 
 _PATCH_LOCK = threading.Lock()

@@ -151,14 +151,21 @@ def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
         assets, selection=dg.AssetSelection.assets(*keys), partition_key=partition, instance=instance, resources=defs.resources,
         tags={"msif/runner": "cli", "msif/pid": str(os.getpid()), "msif/host": socket.gethostname()}, run_config=_quiet_console(), raise_on_error=False,
     )
+    errors = [] if result.success else ([_root_error(e.step_failure_data.error) for e in result.get_step_failure_events()]
+                                        or [("RunFailure", "see the run's event log")])
+    record_run(run_log, keys, partition, result.run_id, {e.asset_key for e in result.get_asset_materialization_events()}, errors)
+
+
+def record_run(run_log: RunLog, keys, partition, run_id: str, done: set, errors: list[tuple[str, str]]) -> None:
+    """Log what a run materialized; with ``errors`` (``(exception class, message)`` per failed step),
+    defer the keys of a run whose steps only found an upstream file missing, raise on anything else."""
+    label = ", ".join(k.to_user_string() for k in keys)
     run_log.runs += 1
-    done = {e.asset_key for e in result.get_asset_materialization_events()}
     run_log.executed += [(k.to_user_string(), partition) for k in keys if k in done]
     for key in done:
         run_log.deferred.get(key, set()).discard(partition)
-    if result.success:
+    if not errors:
         return
-    errors = [_root_error(e.step_failure_data.error) for e in result.get_step_failure_events()]
     if any(cls == "DagsterExecutionInterruptedError" for cls, _ in errors):
         raise KeyboardInterrupt
     if errors and all(cls == "MissingArtifactError" for cls, _ in errors):
@@ -167,7 +174,7 @@ def _run(assets, defs, instance, keys, partition, run_log: RunLog) -> None:
         log.info("deferred %s%s until its upstream is refreshed", label, f" [{partition}]" if partition else "")
         return
     reason = "; ".join(f"{cls}: {message}" for cls, message in errors) or "see the run's event log"
-    raise RuntimeError(f"run {result.run_id} failed for {label}{f' [{partition}]' if partition else ''}: {reason}")
+    raise RuntimeError(f"run {run_id} failed for {label}{f' [{partition}]' if partition else ''}: {reason}")
 
 
 def _root_error(error) -> tuple[str, str]:
