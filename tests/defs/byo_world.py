@@ -90,3 +90,20 @@ def step_failures(instance) -> list[str]:
             error = event.event_specific_data.error
             out.append(error.message + (error.cause.message if error.cause else ""))
     return out
+
+
+SCORE_KEY = ["query_id", "shard", "chunk_id", "method", "damping_kind", "damping"]
+
+
+def assert_same_scores(got, want, label: str) -> None:
+    """Two score tables (sorted alike) hold the same rows, ranks and methods, and scores equal to
+    float64 rounding relative to the largest score; prints the largest difference."""
+    assert got.num_rows == want.num_rows > 0
+    for column in SCORE_KEY + ["doc_id", "rank"]:
+        assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
+    assert {"ms-if", "ss-if", "gdp"} <= set(got.column("method").to_pylist())
+    a = torch.tensor(got.column("score").to_pylist(), dtype=torch.float64)
+    b = torch.tensor(want.column("score").to_pylist(), dtype=torch.float64)
+    assert bool(torch.isfinite(a).all())
+    print(f"{label}: {a.numel()} rows, max |Δscore| = {float((a - b).abs().max())!r}, max |score| = {float(a.abs().max())!r}")
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max()))

@@ -17,9 +17,8 @@ from msif_assets.lake.layout import LakeLayout
 from msif_assets.lake.models import fingerprint_model_dir, load_causal_lm
 from msif_assets.lake.tables import read_scores
 
-from .byo_world import byo_definitions, make_world, save_model
+from .byo_world import SCORE_KEY as KEY, assert_same_scores, byo_definitions, make_world, save_model
 
-KEY = ["query_id", "shard", "chunk_id", "method", "damping_kind", "damping"]
 
 
 def _rewrite(src: Path, dst: Path, dtype: torch.dtype) -> None:
@@ -70,13 +69,4 @@ def test_bf16_world_scores_equal_its_float32_upcast(tmp_path):
     assert set(half.column("ft_model").to_pylist()) == {ids["finetuned_model"]}
     assert set(half.column("pt_model").to_pylist()) - {None} == {ids["pretrained_model"]}
 
-    assert half.num_rows == upcast.num_rows > 0
-    for column in KEY + ["doc_id", "rank"]:
-        assert half.column(column).to_pylist() == upcast.column(column).to_pylist(), column
-    assert {"ms-if", "ss-if", "gdp"} <= set(half.column("method").to_pylist())
-    a = torch.tensor(half.column("score").to_pylist(), dtype=torch.float64)
-    b = torch.tensor(upcast.column("score").to_pylist(), dtype=torch.float64)
-    assert bool(torch.isfinite(a).all())
-    print(f"bf16 world vs float32 upcast: {half.num_rows} rows, max |Δscore| = {float((a - b).abs().max())!r}, "
-          f"max |score| = {float(a.abs().max())!r}")
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max()))
+    assert_same_scores(half, upcast, "bf16 world vs float32 upcast")

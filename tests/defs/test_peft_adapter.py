@@ -19,9 +19,8 @@ from msif_assets.lake.models import ModelDirError, fingerprint_model_dir, load_m
 from msif_assets.lake.tables import read_scores
 from msif_assets.pipeline.models import ModelIds
 
-from .byo_world import byo_definitions, make_world, perturb, save_model
+from .byo_world import SCORE_KEY as KEY, assert_same_scores, byo_definitions, make_world, perturb, save_model
 
-KEY = ["query_id", "shard", "chunk_id", "method", "damping_kind", "damping"]
 # every linear of a GPT-NeoX block: attention (fused qkv, output) and MLP
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
@@ -85,16 +84,7 @@ def test_adapter_lineage_scores_equal_the_merged_full_model(world, tmp_path):
     via_adapter = _materialize(tmp_path / "lake-adapter", {**inputs, "finetuned_model": str(adapter)})
     via_full = _materialize(tmp_path / "lake-full", {**inputs, "finetuned_model": str(merged_dir)})
 
-    assert via_adapter.num_rows == via_full.num_rows > 0
-    for column in KEY + ["doc_id", "rank"]:
-        assert via_adapter.column(column).to_pylist() == via_full.column(column).to_pylist(), column
-    assert {"ms-if", "ss-if", "gdp"} <= set(via_adapter.column("method").to_pylist())
-    a = torch.tensor(via_adapter.column("score").to_pylist(), dtype=torch.float64)
-    b = torch.tensor(via_full.column("score").to_pylist(), dtype=torch.float64)
-    assert bool(torch.isfinite(a).all())
-    print(f"adapter vs merged full dir: {a.numel()} rows, max |Δscore| = {float((a - b).abs().max())!r}, "
-          f"max |score| = {float(a.abs().max())!r}")
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9 * float(a.abs().max()))
+    assert_same_scores(via_adapter, via_full, "adapter vs merged full dir")
 
 
 def test_fingerprint_changes_with_the_adapter_and_with_the_base(world, tmp_path):
