@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -93,6 +94,29 @@ def step_failures(instance) -> list[str]:
 
 
 SCORE_KEY = ["query_id", "shard", "chunk_id", "method", "damping_kind", "damping"]
+
+
+def materialize_scores(root: Path, inputs: dict) -> pa.Table:
+    """Materialize the two-shard world ``inputs`` into ``root/lake`` (an ephemeral instance) and
+    return its influence scores, sorted by SCORE_KEY."""
+    import dagster as dg
+
+    from msif_assets.app import runner
+    from msif_assets.lake.layout import LakeLayout
+    from msif_assets.lake.tables import read_scores
+    from msif_assets.pipeline.models import ModelIds
+
+    defs = byo_definitions(root, inputs)
+    instance = dg.DagsterInstance.ephemeral()
+    runner.register_shards(instance, inputs["inbox"])
+    runner.observe_inputs(defs, instance)
+    ran = runner.execute(defs, instance, runner.all_requests(defs, instance))
+    assert {("influence_scores", "shard-0"), ("influence_scores", "shard-1")} <= ran.keys()
+    ids = ModelIds.of(inputs["pretrained_model"], inputs["finetuned_model"])
+    layout = LakeLayout(root / "lake")
+    table = pa.concat_tables([read_scores(layout, ids.ft, shard) for shard in ("shard-0", "shard-1")])
+    assert set(table.column("ft_model").to_pylist()) == {ids.ft}
+    return table.sort_by([(k, "ascending") for k in SCORE_KEY])
 
 
 def assert_same_scores(got, want, label: str) -> None:

@@ -5,19 +5,14 @@ float32, and its rows carry the content ids of the bfloat16 directories."""
 import shutil
 from pathlib import Path
 
-import dagster as dg
-import pyarrow as pa
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from msif_assets.app import runner
-from msif_assets.lake.layout import LakeLayout
 from msif_assets.lake.models import fingerprint_model_dir, load_causal_lm
-from msif_assets.lake.tables import read_scores
 
-from .byo_world import SCORE_KEY as KEY, assert_same_scores, byo_definitions, make_world, save_model
+from .byo_world import assert_same_scores, materialize_scores, make_world, save_model
 
 
 
@@ -36,19 +31,6 @@ def _rewrite(src: Path, dst: Path, dtype: torch.dtype) -> None:
         assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16" if dtype == torch.bfloat16 else "F32"}
 
 
-def _materialize(root: Path, inputs: dict) -> pa.Table:
-    defs = byo_definitions(root, inputs)
-    instance = dg.DagsterInstance.ephemeral()
-    runner.register_shards(instance, inputs["inbox"])
-    runner.observe_inputs(defs, instance)
-    ran = runner.execute(defs, instance, runner.all_requests(defs, instance))
-    assert {("influence_scores", "shard-0"), ("influence_scores", "shard-1")} <= ran.keys()
-    ft_model = fingerprint_model_dir(inputs["finetuned_model"])[:16]
-    layout = LakeLayout(root / "lake")
-    tables = [read_scores(layout, ft_model, shard) for shard in ("shard-0", "shard-1")]
-    return pa.concat_tables(tables).sort_by([(k, "ascending") for k in KEY])
-
-
 @pytest.mark.slow
 def test_bf16_world_scores_equal_its_float32_upcast(tmp_path):
     inputs = make_world(tmp_path / "src")
@@ -63,8 +45,8 @@ def test_bf16_world_scores_equal_its_float32_upcast(tmp_path):
             models[key] = str(root / key)
         worlds[name] = ({**inputs, **models}, root)
 
-    half = _materialize(worlds["bf16"][1], worlds["bf16"][0])
-    upcast = _materialize(worlds["f32"][1], worlds["f32"][0])
+    half = materialize_scores(worlds["bf16"][1], worlds["bf16"][0])
+    upcast = materialize_scores(worlds["f32"][1], worlds["f32"][0])
     ids = {k: fingerprint_model_dir(worlds["bf16"][0][k])[:16] for k in ("pretrained_model", "finetuned_model")}
     assert set(half.column("ft_model").to_pylist()) == {ids["finetuned_model"]}
     assert set(half.column("pt_model").to_pylist()) - {None} == {ids["pretrained_model"]}

@@ -7,19 +7,15 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
-import pyarrow as pa
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
 from msif_assets.app import runner
-from msif_assets.lake.layout import LakeLayout
 from msif_assets.lake.models import ModelDirError, fingerprint_model_dir, load_model_for_finetune
-from msif_assets.lake.tables import read_scores
-from msif_assets.pipeline.models import ModelIds
 
-from .byo_world import SCORE_KEY as KEY, assert_same_scores, byo_definitions, make_world, perturb, save_model
+from .byo_world import assert_same_scores, materialize_scores, byo_definitions, make_world, perturb, save_model
 
 # every linear of a GPT-NeoX block: attention (fused qkv, output) and MLP
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -61,28 +57,14 @@ def world(tmp_path):
     return inputs, adapter, merged
 
 
-def _materialize(root: Path, inputs: dict) -> pa.Table:
-    defs = byo_definitions(root, inputs)
-    instance = dg.DagsterInstance.ephemeral()
-    runner.register_shards(instance, inputs["inbox"])
-    runner.observe_inputs(defs, instance)
-    ran = runner.execute(defs, instance, runner.all_requests(defs, instance))
-    assert {("influence_scores", "shard-0"), ("influence_scores", "shard-1")} <= ran.keys()
-    ids = ModelIds.of(inputs["pretrained_model"], inputs["finetuned_model"])
-    layout = LakeLayout(root / "lake")
-    table = pa.concat_tables([read_scores(layout, ids.ft, shard) for shard in ("shard-0", "shard-1")])
-    assert set(table.column("ft_model").to_pylist()) == {ids.ft}
-    return table.sort_by([(k, "ascending") for k in KEY])
-
-
 @pytest.mark.slow
 def test_adapter_lineage_scores_equal_the_merged_full_model(world, tmp_path):
     inputs, adapter, merged = world
     merged_dir = tmp_path / "merged"
     save_model(merged, AutoTokenizer.from_pretrained(inputs["pretrained_model"]), merged_dir)
 
-    via_adapter = _materialize(tmp_path / "lake-adapter", {**inputs, "finetuned_model": str(adapter)})
-    via_full = _materialize(tmp_path / "lake-full", {**inputs, "finetuned_model": str(merged_dir)})
+    via_adapter = materialize_scores(tmp_path / "lake-adapter", {**inputs, "finetuned_model": str(adapter)})
+    via_full = materialize_scores(tmp_path / "lake-full", {**inputs, "finetuned_model": str(merged_dir)})
 
     assert_same_scores(via_adapter, via_full, "adapter vs merged full dir")
 
