@@ -207,10 +207,12 @@ def block_vectors(ft: LoadedModel, specs, examples: list[LMExample], pt_factors:
     for spec in specs:
         pt_module, ft_module = pt_factors.select([spec.name]), ft_factors.select([spec.name])
         grads = gradients.pop(spec.name)
+        ft_stages: dict = {}  # this module's fine-tuned stage, shared by SS-IF and MS-IF
         for key in settings.gradient_keys:
             damping = key.damping or Damping()
             if rank > 0:
-                out[key][spec.name] = low_rank_vectors(key.method, grads, spec.name, rank, settings.inner_rank, pt_module, ft_module, damping)
+                out[key][spec.name] = low_rank_vectors(key.method, grads, spec.name, rank, settings.inner_rank, pt_module, ft_module, damping,
+                                                           ft_stages)
             else:
                 out[key][spec.name] = preconditioned_queries(key.method, {spec.name: grads}, pt_module, ft_module, damping)[spec.name]
     return out

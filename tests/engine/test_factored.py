@@ -123,3 +123,18 @@ def test_exact_truncation_pads_when_the_factors_have_fewer_columns_than_the_rank
     out = exact_truncation(x, 4)
     assert out.left.shape == (2, 30, 4) and out.right.shape == (2, 20, 4)
     torch.testing.assert_close(out.dense(), x.dense(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_fine_tuned_stage_is_shared_by_ss_if_and_ms_if_without_changing_either(world):
+    ft, specs, queries, pt_f, ft_f = world
+    damping, rank = Damping("relative", 0.1), 2
+    tokens = token_gradients(ft, specs, queries)
+    spec = next(s for s in specs if is_low_rank_worth_it(rank, s.d_out, s.d_in))
+    alone = {m: low_rank_vectors(m, tokens[spec.name], spec.name, rank, rank, pt_f, ft_f, damping) for m in ("ss-if", "ms-if")}
+    stages: dict = {}
+    shared = {m: low_rank_vectors(m, tokens[spec.name], spec.name, rank, rank, pt_f, ft_f, damping, stages) for m in ("ss-if", "ms-if")}
+    assert list(stages) == [(damping, rank)]  # computed once, reused by MS-IF
+    for method in alone:
+        torch.testing.assert_close(shared[method].dense(), alone[method].dense(), rtol=0, atol=0)
+    low_rank_vectors("ms-if", tokens[spec.name], spec.name, rank, 2 * rank, pt_f, ft_f, damping, stages)
+    assert len(stages) == 2  # another inner rank is another stage, never a wrong reuse
