@@ -132,17 +132,20 @@ class KronResult:
 
 
 def run_kronfluence(
-    meter: Meter, w: Workload, model: nn.Module, specs: list, data: Data, sampler: Callable = engine_sample_from
+    meter: Meter, w: Workload, model: nn.Module, specs: list, data: Data, sampler: Callable = engine_sample_from,
+    query_rank: int | None = None,
 ) -> KronResult:
+    """``query_rank``: kronfluence's ``query_gradient_low_rank`` (None: its default, dense query gradients)."""
     if KRONFLUENCE_ERROR is not None:
         return KronResult(error=f"kronfluence unavailable ({KRONFLUENCE_ERROR})")
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     with warnings.catch_warnings():  # its torch.cuda.amp.GradScaler FutureWarning, once per pass
         warnings.simplefilter("ignore", FutureWarning)
-        return _run(meter, w, model, specs, data, sampler)
+        return _run(meter, w, model, specs, data, sampler, query_rank)
 
 
-def _run(meter: Meter, w: Workload, model: nn.Module, specs: list, data: Data, sampler: Callable) -> KronResult:
+def _run(meter: Meter, w: Workload, model: nn.Module, specs: list, data: Data, sampler: Callable,
+         query_rank: int | None) -> KronResult:
     out = KronResult()
     task = LanguageModelingTask([s.name for s in specs], seed=w.seed, sampler=sampler)
     prepared = prepare_model(copy.deepcopy(model), task)
@@ -169,7 +172,7 @@ def _run(meter: Meter, w: Workload, model: nn.Module, specs: list, data: Data, s
         with meter.phase("lambda", engine="kronfluence") as p:
             analyzer.fit_lambda_matrices(dataset=fit, per_device_batch_size=w.batch_size, **common)
         out.phases.append(p)
-        score_args = ScoreArguments(damping_factor=w.damping)
+        score_args = ScoreArguments(damping_factor=w.damping, query_gradient_low_rank=query_rank)
         with meter.phase(
             "pairwise scoring (SS-IF)", engine="kronfluence", note="includes query gradients + preconditioning"
         ) as p:

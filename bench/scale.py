@@ -180,7 +180,24 @@ def _worker_eigh(args: dict) -> dict:
     return {"phases": {"eigh": time.perf_counter() - started}, "matrix_mb": d * d * 8 / 2**20}
 
 
-WORKERS = {"factors": _worker_factors, "queries": _worker_queries, "scoring": _worker_scoring, "eigh": _worker_eigh}
+def _worker_kronfluence(args: dict) -> dict:
+    """kronfluence 1.0.1 on the same θ_pt, fit sequences, queries and candidates: its EK-FAC
+    factors and SS-IF pairwise scores (it has no MS-IF), dense query gradients unless ``kron_rank``."""
+    from msif_assets.engine import discover_modules
+    from .kron import run_kronfluence
+    from .measure import Meter
+    from .workload import build_data, build_model
+
+    w = Workload(**args["workload"])
+    model = build_model(w)
+    result = run_kronfluence(Meter(torch.device("cpu")), w, model, discover_modules(model), build_data(w), query_rank=args["kron_rank"])
+    if result.error:
+        raise RuntimeError(result.error)
+    return {"phases": {p.name: p.seconds for p in result.phases}, "phase_peak_mb": {p.name: p.peak_mb for p in result.phases}}
+
+
+WORKERS = {"factors": _worker_factors, "queries": _worker_queries, "scoring": _worker_scoring, "eigh": _worker_eigh,
+           "kronfluence": _worker_kronfluence}
 
 
 def _peak_rss_mb() -> float:
@@ -254,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--block", type=int, default=32, help="query_batch_size")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--kronfluence", action="store_true", help="also run kronfluence 1.0.1 (bench extra) on θ_pt: its factors and "
+                        "SS-IF scores of --scored-queries queries against the fewest --candidates, in its own process")
+    parser.add_argument("--kron-rank", type=int, default=None, help="kronfluence's query_gradient_low_rank (default: dense)")
     parser.add_argument("--quick", action="store_true", help="tiny shape, small sizes: a smoke run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = parser.parse_args(argv)
@@ -287,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
                 w = _workload(shape, args, n_queries=scored, n_candidates=n)
                 rows["cases"].append({"case": "scoring", "n": n, "queries": scored,
                                       **_run_worker("scoring", {**base, "dir": folder, "scored_queries": scored, "workload": w.to_dict()})})
+                _print_case(rows["cases"][-1])
+            if args.kronfluence:
+                w = _workload(shape, args, n_queries=scored, n_candidates=min(args.candidates))
+                label = f"kronfluence ({scored} q, {'dense' if args.kron_rank is None else f'rank {args.kron_rank}'})"
+                rows["cases"].append({"case": label, "n": w.n_candidates,
+                                      **_run_worker("kronfluence", {"kron_rank": args.kron_rank, "workload": w.to_dict()})})
                 _print_case(rows["cases"][-1])
             rows["slopes"] = _slopes(rows["cases"], args.block)
     for d in args.eigh:
