@@ -43,10 +43,13 @@ def _stacked_scores(model, specs, keyed_vectors: dict[ScoreKey, dict], examples,
     return {k: tuple(p[:, i * n_queries : (i + 1) * n_queries] for p in parts) for i, k in enumerate(keys)}
 
 
-def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], examples, settings: ComputeSettings) -> tuple[dict, list[str]]:
+def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], examples, candidate_rows: dict[str, list[int]],
+                      settings: ComputeSettings) -> tuple[dict, list[str]]:
     """MS-IF, SS-IF and GDP columns ``{key: (total, mlp, attn)}`` (N, Q), one stored query block
     at a time (a block's vectors are the only ones in memory), and the ids of queries whose
-    stored vectors are non-finite."""
+    stored vectors are non-finite. A block runs only the chunks that are candidates of its own
+    queries (``candidate_rows``: query id → rows of ``examples``); every other cell is NaN and
+    never read."""
     keys = settings.gradient_keys
     if not keys:
         return {}, []
@@ -60,17 +63,41 @@ def _influence_scores(layout: LakeLayout, pair: ModelPair, qids: list[str], exam
         nonfinite += [block_ids[j] for j in _nonfinite_rows(vectors)]
         on_pt = {k: v for k, v in vectors.items() if not k.on_finetuned_model}
         on_ft = {k: v for k, v in vectors.items() if k.on_finetuned_model}
-        block_scores = _stacked_scores(pair.pt.model, pair.specs, on_pt, examples, settings, pad_id_of(pair.pt))
-        if on_ft and pair.ft.task == "causal_lm":
-            block_scores.update(_stacked_scores(pair.ft.model, pair.specs, on_ft, examples, settings, pad_id_of(pair.ft)))
-        for key, value in block_scores.items():
-            parts[key].append(value)
+        rows = sorted({r for q in block_ids for r in candidate_rows.get(q, ())})
+        block_examples = [examples[r] for r in rows]
+        block_scores = {}
+        if rows:  # else no query of this block has a candidate in this shard; its cells stay NaN and unread
+            block_scores = _stacked_scores(pair.pt.model, pair.specs, on_pt, block_examples, settings, pad_id_of(pair.pt))
+            if on_ft and pair.ft.task == "causal_lm":
+                block_scores.update(_stacked_scores(pair.ft.model, pair.specs, on_ft, block_examples, settings, pad_id_of(pair.ft)))
+        for key in keys:
+            if key.on_finetuned_model and pair.ft.task != "causal_lm":
+                continue
+            value = block_scores.get(key) or (torch.empty(0, len(block_ids), dtype=torch.float64),) * 3
+            parts[key].append(tuple(_scatter_rows(p, rows, len(examples)) for p in value))
         seen += block_ids
     if seen != qids:
         raise ValueError(f"the stored query gradients hold queries {seen[:5]}… but the queries table has {qids[:5]}…; "
                          "rematerialize query_gradients")
     joined = {k: tuple(torch.cat([p[i] for p in v], 1) for i in range(3)) for k, v in parts.items() if v}
     return joined, sorted(set(nonfinite))
+
+
+def _scatter_rows(block: torch.Tensor, rows: list[int], n_rows: int) -> torch.Tensor:
+    """(len(rows), Qb) → (n_rows, Qb), NaN where a chunk was not run for this block."""
+    full = torch.full((n_rows, block.shape[1]), float("nan"), dtype=block.dtype)
+    full[rows] = block
+    return full
+
+
+def _candidate_rows(candidates: pa.Table, chunk_ids: list[str]) -> dict[str, list[int]]:
+    """query id → rows (indices into ``chunk_ids``) of its candidate chunks."""
+    row_of = {c: i for i, c in enumerate(chunk_ids)}
+    by_query: dict[str, list[int]] = {}
+    for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist()):
+        if c in row_of:
+            by_query.setdefault(q, []).append(row_of[c])
+    return by_query
 
 
 def _nonfinite_rows(vectors: dict[ScoreKey, dict]) -> set[int]:
@@ -94,7 +121,7 @@ def score_shard(layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Tab
         return tables.SCORES.schema.empty_table()
 
     pt_examples = chunk_examples(chunks, pair.pt.tokenizer.bos_token_id)
-    results, nonfinite_queries = _influence_scores(layout, pair, qids, pt_examples, settings)
+    results, nonfinite_queries = _influence_scores(layout, pair, qids, pt_examples, _candidate_rows(candidates, chunk_ids), settings)
     if "repsim" in settings.methods:
         pad = pad_id_of(pair.pt)
         cand = make_batches(pt_examples, settings.batch_size, pad, sort_by_length=False)
@@ -137,8 +164,7 @@ def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: 
             if bool(bad.any()):
                 columns.append(column)
                 key_bad |= bad
-                whole = ~torch.isfinite(matrix)
-                bad_chunks |= {chunk_ids[i] for i in whole.all(1).nonzero().flatten().tolist()}
+                bad_chunks |= _chunks_bad_for_all_their_queries(rows, bad, chunk_ids)
         if columns:
             damping = "" if key.damping is None else f" (damping {key.damping.label})"
             problems.append(f"{key.method}{damping}: {int(key_bad.sum())} of {len(pairs)} pairs ({', '.join(columns)})")
@@ -151,7 +177,7 @@ def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: 
         causes.append(f"the stored query gradients of {_names(nonfinite_vectors)} are non-finite — rematerialize "
                       "query_gradients and look at the factor checks pt_factors_sane/ft_factors_sane")
     elif bad_chunks:
-        causes.append(f"chunk(s) {_names(sorted(bad_chunks))} score non-finite against every query while the query "
+        causes.append(f"chunk(s) {_names(sorted(bad_chunks))} score non-finite against every query they are candidates of while the query "
                       "gradients are finite: the model's activations or gradients on their text leave the float32 range "
                       "— typically a huge (but finite) weight, such as the embedding row of a token these chunks contain "
                       "(often <unk>); inspect those rows of the model's embedding, fix or re-export the model")
@@ -165,6 +191,13 @@ def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: 
         f"Non-finite: {'; '.join(problems)}. First pairs (query_id × chunk_id): {examples}. "
         f"Likely cause: {'; '.join(causes)}."
     )
+
+
+def _chunks_bad_for_all_their_queries(rows: torch.Tensor, bad: torch.Tensor, chunk_ids: list[str]) -> set[str]:
+    """Chunks whose every candidate pair is non-finite (``rows``/``bad``: one entry per pair)."""
+    pairs_per_row = torch.bincount(rows, minlength=len(chunk_ids))
+    bad_per_row = torch.bincount(rows[bad], minlength=len(chunk_ids))
+    return {chunk_ids[i] for i in ((bad_per_row == pairs_per_row) & (pairs_per_row > 0)).nonzero().flatten().tolist()}
 
 
 def _names(items: list[str]) -> str:

@@ -10,6 +10,7 @@ import pytest
 from msif_assets.app import runner
 from msif_assets.lake.catalog import Catalog
 from msif_assets.lake.factor_store import load_tensors
+from msif_assets.pipeline import scoring
 
 from .byo_world import byo_definitions, make_world
 
@@ -18,7 +19,7 @@ SQL = "SELECT query_id, chunk_id, method, damping_kind, damping, score, score_ml
 
 def _scores(root, inputs, name: str, **compute):
     lake_root = root / name
-    defs = byo_definitions(lake_root, inputs, all_chunks_below=100, **compute)
+    defs = byo_definitions(lake_root, inputs, **{"all_chunks_below": 100, **compute})
     instance = dg.DagsterInstance.ephemeral()
     runner.register_shards(instance, inputs["inbox"])
     runner.observe_inputs(defs, instance)
@@ -58,6 +59,21 @@ def test_blocks_of_one_query_score_like_one_pass(world):
     _assert_same(blocked, one_pass)
     files = sorted((lake / "query_gradients").rglob("block=*.safetensors"))
     assert len({f.name for f in files}) == 3  # three queries, one block each
+
+
+def test_a_block_runs_only_the_candidates_of_its_own_queries(world, monkeypatch):
+    root, inputs, _ = world
+    knn = {"all_chunks_below": 0, "knn_k": 3}  # candidates from LanceDB KNN: each query has its own three
+    one_pass, _ = _scores(root, inputs, "knn-one-block", query_batch_size=0, **knn)
+    runs: list[int] = []  # candidates in each forward+backward pass
+    real = scoring.score_examples
+    monkeypatch.setattr(scoring, "score_examples",
+                        lambda model, specs, stacked, examples, *a: runs.append(len(examples)) or real(model, specs, stacked, examples, *a))
+    blocked, _ = _scores(root, inputs, "knn-blocks", query_batch_size=1, **knn)
+    _assert_same(blocked, one_pass)
+    per_query = [len({r["chunk_id"] for r in one_pass if r["query_id"] == q}) for q in sorted({r["query_id"] for r in one_pass})]
+    assert per_query == [3, 3, 3] and len({r["chunk_id"] for r in one_pass}) > 3, per_query
+    assert runs == [3, 3] * 3, runs  # per block: θ_pt (MS-IF, GDP) then θ_ft (SS-IF), 3 chunks each — not the shard's union
 
 
 def test_rank_one_stores_factors_and_changes_only_the_influence_methods(world):
