@@ -208,10 +208,11 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def _run_worker(kind: str, args: dict) -> dict:
+def _run_worker(kind: str, args: dict, module: str = "bench.scale") -> dict:
+    """Run ``module --worker`` on ``{kind, **args}`` in a fresh process; its last stdout line is the result."""
     payload = json.dumps({"kind": kind, **args})
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--worker", payload], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", payload], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
