@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .scale import _machine, _peak_rss_mb, _run_worker, _slope
+from .scale import _machine, _peak_rss_mb, _run_worker, _slope, write_results
 
 WORDS_PER_CHUNK = 48  # about 64 GPT-NeoX tokens, the scale benchmark's sequence length
 
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "scored pairs": _slope([(c["chunks"], c["candidate_pairs"]) for c in cases]),
     }
     print(render(results))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, results)
     return 0
 
 

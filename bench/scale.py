@@ -320,11 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         results["eigh"].append({"dim": d, **_run_worker("eigh", {"dim": d})})
         _print_case({"case": "eigh", "n": d, **results["eigh"][-1]})
     print(render(results))
-    out = Path(args.out)
+    write_results(args.out, results)
+    return 0
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
-    return 0
 
 
 def _slopes(cases: list[dict], block: int) -> dict:
