@@ -7,6 +7,7 @@ candidate on θ_pt serves MS-IF (every damping) and GDP together, and one on θ_
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -25,6 +26,41 @@ from .settings import ComputeSettings, ScoreKey
 
 
 CANDIDATES_PER_PASS = 512  # bounds the (N, Q, modules) float64 per-module scores of one pass
+
+
+@dataclass(frozen=True)
+class CandidateCells:
+    """One shard's (query, chunk) candidate pairs and their cells in the (N chunks, Q queries)
+    score matrices; pairs of queries that are no longer in the queries table are left out."""
+
+    query_ids: list[str]  # (P,)
+    chunk_ids: list[str]  # (P,)
+    rows: torch.Tensor  # (P,) int64, index into the shard's chunk order
+    cols: torch.Tensor  # (P,) int64, index into the query order
+
+    @classmethod
+    def of(cls, candidates: pa.Table, chunk_ids: list[str], qids: list[str]) -> "CandidateCells":
+        row_of = {c: i for i, c in enumerate(chunk_ids)}
+        col_of = {q: j for j, q in enumerate(qids)}
+        pairs = [(q, c) for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist())
+                 if q in col_of]
+        missing = sorted({c for _, c in pairs if c not in row_of})
+        if missing:
+            raise ValueError(f"the candidates name chunk(s) {', '.join(missing[:5])} that the chunks table does not hold; "
+                             "rematerialize doc_chunks and candidates for this shard")
+        return cls([q for q, _ in pairs], [c for _, c in pairs],
+                   torch.tensor([row_of[c] for _, c in pairs], dtype=torch.long),
+                   torch.tensor([col_of[q] for q, _ in pairs], dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    def rows_by_query(self) -> dict[str, list[int]]:
+        """query id → rows of its candidate chunks."""
+        by_query: dict[str, list[int]] = {}
+        for q, r in zip(self.query_ids, self.rows.tolist()):
+            by_query.setdefault(q, []).append(r)
+        return by_query
 
 
 def _stacked_scores(model, specs, keyed_vectors: dict[ScoreKey, dict], examples, settings: ComputeSettings, pad_id: int) -> dict:
@@ -90,16 +126,6 @@ def _scatter_rows(block: torch.Tensor, rows: list[int], n_rows: int) -> torch.Te
     return full
 
 
-def _candidate_rows(candidates: pa.Table, chunk_ids: list[str]) -> dict[str, list[int]]:
-    """query id → rows (indices into ``chunk_ids``) of its candidate chunks."""
-    row_of = {c: i for i, c in enumerate(chunk_ids)}
-    by_query: dict[str, list[int]] = {}
-    for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist()):
-        if c in row_of:
-            by_query.setdefault(q, []).append(row_of[c])
-    return by_query
-
-
 def _nonfinite_rows(vectors: dict[ScoreKey, dict]) -> set[int]:
     rows: set[int] = set()
     for by_module in vectors.values():
@@ -120,8 +146,9 @@ def score_shard(layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Tab
     if not chunk_ids:
         return tables.SCORES.schema.empty_table()
 
+    cells = CandidateCells.of(candidates, chunk_ids, qids)
     pt_examples = chunk_examples(chunks, pair.pt.tokenizer.bos_token_id)
-    results, nonfinite_queries = _influence_scores(layout, pair, qids, pt_examples, _candidate_rows(candidates, chunk_ids), settings)
+    results, nonfinite_queries = _influence_scores(layout, pair, qids, pt_examples, cells.rows_by_query(), settings)
     if "repsim" in settings.methods:
         pad = pad_id_of(pair.pt)
         cand = make_batches(pt_examples, settings.batch_size, pad, sort_by_length=False)
@@ -131,8 +158,8 @@ def score_shard(layout: LakeLayout, shard: str, pair: ModelPair, queries: pa.Tab
         index = BM25Index.build(chunks.column("text").to_pylist(), chunk_ids, stopwords=None)
         columns = [torch.from_numpy(index.scores(text)) for text in query_texts(queries)]
         results[ScoreKey("bm25")] = (torch.stack(columns, 1), None, None)
-    _require_finite(shard, candidates, chunk_ids, qids, results, nonfinite_queries)
-    return _rows(shard, candidates, chunk_ids, doc_ids, qids, results, pair)
+    _require_finite(shard, cells, chunk_ids, results, nonfinite_queries)
+    return _rows(shard, cells, doc_ids, results, pair)
 
 
 class NonFiniteScoresError(ValueError):
@@ -143,17 +170,13 @@ class NonFiniteScoresError(ValueError):
 _FIRST = 5
 
 
-def _require_finite(shard: str, candidates: pa.Table, chunk_ids, qids, results: dict, nonfinite_vectors: list[str]) -> None:
+def _require_finite(shard: str, cells: CandidateCells, chunk_ids: list[str], results: dict, nonfinite_vectors: list[str]) -> None:
     """Raise NonFiniteScoresError if any score, score_mlp or score_attn about to be written for
     this shard's candidate pairs is NaN or ±Inf (a NaN would sort first and top every ranking)."""
-    row_of = {c: i for i, c in enumerate(chunk_ids)}
-    col_of = {q: j for j, q in enumerate(qids)}
-    pairs = [(q, c) for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist())
-             if q in col_of and c in row_of]
-    if not pairs:
+    if not len(cells):
         return
-    rows = torch.tensor([row_of[c] for _, c in pairs])
-    cols = torch.tensor([col_of[q] for q, _ in pairs])
+    rows, cols = cells.rows, cells.cols
+    pairs = list(zip(cells.query_ids, cells.chunk_ids))
     problems, bad_pairs, bad_chunks = [], {}, set()
     for key, parts in results.items():
         columns, key_bad = [], torch.zeros(len(pairs), dtype=torch.bool)
@@ -204,16 +227,13 @@ def _names(items: list[str]) -> str:
     return ", ".join(items[:_FIRST]) + (f" (+{len(items) - _FIRST} more)" if len(items) > _FIRST else "")
 
 
-def _rows(shard, candidates: pa.Table, chunk_ids, doc_ids, qids, results, pair: ModelPair) -> pa.Table:
-    row_of = {c: i for i, c in enumerate(chunk_ids)}
-    col_of = {q: j for j, q in enumerate(qids)}
-    pairs = [(q, c) for q, c in zip(candidates.column("query_id").to_pylist(), candidates.column("chunk_id").to_pylist()) if q in col_of]
+def _rows(shard: str, cells: CandidateCells, doc_ids: list[str], results: dict, pair: ModelPair) -> pa.Table:
     now = dt.datetime.now(dt.timezone.utc)
+    cell_list = list(zip(cells.query_ids, cells.chunk_ids, cells.rows.tolist(), cells.cols.tolist()))
     rows = []
     for key, (total, mlp, attn) in results.items():
         block = []
-        for q, c in pairs:
-            i, j = row_of[c], col_of[q]
+        for q, c, i, j in cell_list:
             block.append({
                 "query_id": q, "doc_id": doc_ids[i], "chunk_id": c, "shard": shard, **key.columns,
                 "score": float(total[i, j]),
